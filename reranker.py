@@ -1,0 +1,278 @@
+"""What train.py and evaluate.py share: the thesis model presets, the IR file formats, scoring and metrics.
+
+Vocabulary (as in ir_measures / pyserini): `qrels` = {query_id: {doc_id: relevance}}, `run` = {query_id: {doc_id: score}}.
+A collection split `DIR:SPLIT` is `DIR/corpus.tsv`, `DIR/queries.SPLIT.tsv`, `DIR/qrels.SPLIT.txt` and (optional)
+`DIR/run.SPLIT.trec`: the layout of ../shared/data.
+"""
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ir_measures
+import torch
+
+# --------------------------------------------------------------------------------------------------------------------
+# Thesis presets (Table 4.1). Everything not listed here is shared by all three (Table 4.2) and lives in train.py.
+
+
+@dataclass(frozen=True)
+class Preset:
+    model_name_or_path: str
+    learning_rate: float
+    max_length: int
+    lr_scheduler_type: str
+
+
+PRESETS = {
+    "minilm": Preset("microsoft/MiniLM-L12-H384-uncased", 2e-5, 512, "constant_with_warmup"),  # thesis Table 4.1
+    # gte-multilingual-base as converted for transformers' native GteModel (the Alibaba-NLP repo needs remote code,
+    # which transformers 5 cannot run); same weights.
+    "gte": Preset("alibaba-nlp-community/gte-multilingual-base", 2e-5, 8192, "constant_with_warmup"),  # Table 4.1
+    "modernbert": Preset("answerdotai/ModernBERT-base", 2e-6, 8192, "cosine"),  # thesis Table 4.1
+}
+
+
+def preset_for(model: str) -> Preset:
+    """The thesis preset named `model`, or MiniLM's settings for any other hub id or local folder."""
+    if model in PRESETS:
+        return PRESETS[model]
+    return Preset(model, *[getattr(PRESETS["minilm"], f) for f in ("learning_rate", "max_length", "lr_scheduler_type")])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the file and line, exit code 2, no traceback.
+
+
+class InputError(Exception):
+    """Bad user input. Scripts print it as one line and exit with code 2."""
+
+
+def exit_on_input_error(main):
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except InputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# File formats.
+
+
+def read_fields(path, n_columns, sep="\t"):
+    """Yield (line_number, fields) of a text file with exactly `n_columns` non-empty fields per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split(sep) if sep else line.split()
+            if len(fields) != n_columns:
+                raise InputError(f"{path}:{line_number}: expected {n_columns} columns, found {len(fields)}")
+            if any(not field.strip() for field in fields):
+                raise InputError(f"{path}:{line_number}: empty field")
+            yield line_number, [field.strip() for field in fields]
+
+
+def read_texts(path, keep=None):
+    """`doc_id<TAB>text` or `query_id<TAB>text` -> {id: text}; with `keep`, only those ids (a corpus can be large)."""
+    return {id_: text for _, (id_, text) in read_fields(path, 2) if keep is None or id_ in keep}
+
+
+def read_qrels(path):
+    """TREC qrels `query_id 0 doc_id relevance` -> {query_id: {doc_id: relevance}}."""
+    qrels = {}
+    for line_number, (query_id, _, doc_id, relevance) in read_fields(path, 4, sep=None):
+        try:
+            qrels.setdefault(query_id, {})[doc_id] = int(relevance)
+        except ValueError:
+            raise InputError(f"{path}:{line_number}: relevance {relevance!r} is not an integer") from None
+    return qrels
+
+
+def read_run(path):
+    """TREC run `query_id Q0 doc_id rank score tag` -> {query_id: {doc_id: score}}."""
+    run = {}
+    for line_number, (query_id, _, doc_id, _, score, _) in read_fields(path, 6, sep=None):
+        try:
+            run.setdefault(query_id, {})[doc_id] = float(score)
+        except ValueError:
+            raise InputError(f"{path}:{line_number}: score {score!r} is not a number") from None
+    return run
+
+
+def ranking(scores):
+    """Doc ids best first, ties in trec_eval's order (doc id descending), so every tool sees the same ranking."""
+    return sorted(scores, key=lambda doc_id: (scores[doc_id], doc_id), reverse=True)
+
+
+def format_run(run, tag):
+    return "".join(
+        f"{query_id} Q0 {doc_id} {rank} {run[query_id][doc_id]:.6f} {tag}\n"
+        for query_id in sorted(run)
+        for rank, doc_id in enumerate(ranking(run[query_id]), 1)
+    )
+
+
+def write_atomic(path, text):
+    """Write a whole file or nothing: a killed run never leaves a half-written result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Collection splits.
+
+
+@dataclass
+class Split:
+    queries: dict  # {query_id: text}
+    qrels: dict  # {query_id: {doc_id: relevance}}
+    run: dict  # first-stage candidates {query_id: {doc_id: score}}
+    corpus: dict  # {doc_id: text}, only the documents the split needs
+    name: str
+
+
+def split_paths(spec):
+    """`DIR:SPLIT` -> the four file paths of that split."""
+    directory, sep, split = spec.rpartition(":")
+    if not sep or not directory or not split:
+        raise InputError(f"{spec}: expected DIR:SPLIT, e.g. ../shared/data/msmarco-sample:train")
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: no such directory")
+    return {
+        "corpus": directory / "corpus.tsv",
+        "queries": directory / f"queries.{split}.tsv",
+        "qrels": directory / f"qrels.{split}.txt",
+        "run": directory / f"run.{split}.trec",
+    }
+
+
+def load_split(spec, top_k=None, need_qrels_text=False):
+    """Read a `DIR:SPLIT` with its run's top_k candidates per query and the text of every document it names.
+
+    need_qrels_text: every judged document must have text too (training reads positives from the qrels).
+    """
+    paths = split_paths(spec)
+    queries = read_texts(paths["queries"])
+    qrels = read_qrels(paths["qrels"])
+    if not paths["run"].is_file():
+        raise InputError(f"{paths['run']}: no such file (a split without a run needs BM25: use evaluate.py)")
+    run = read_run(paths["run"])
+    for query_id in run:
+        if query_id not in queries:
+            raise InputError(f"{paths['run']}:{_line_of(paths['run'], query_id)}: query {query_id} not in {paths['queries']}")
+    if top_k:
+        run = {query_id: {d: scores[d] for d in ranking(scores)[:top_k]} for query_id, scores in run.items()}
+    needed = {doc_id for scores in run.values() for doc_id in scores}
+    if need_qrels_text:
+        needed |= {doc_id for judged in qrels.values() for doc_id in judged}
+    corpus = read_texts(paths["corpus"], keep=needed)
+    for path, table in [(paths["run"], run)] + ([(paths["qrels"], qrels)] if need_qrels_text else []):
+        for query_id, docs in table.items():
+            for doc_id in docs:
+                if doc_id not in corpus:
+                    line = _line_of(path, query_id, doc_id)
+                    raise InputError(f"{path}:{line}: document {doc_id} not in {paths['corpus']}")
+    return Split(queries, qrels, run, corpus, spec)
+
+
+def _line_of(path, *tokens):
+    """Line number of the first line holding all `tokens` as fields (only used to point at an error)."""
+    with open(path, encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, 1):
+            if all(token in line.split() for token in tokens):
+                return line_number
+    return "?"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring: score = sigmoid(logit of a one-logit sequence-classification head), as sentence-transformers' CrossEncoder.
+
+
+def scores_from_logits(logits):
+    return torch.sigmoid(torch.as_tensor(logits).float().reshape(-1)).tolist()
+
+
+@torch.inference_mode()
+def score_pairs(model, tokenizer, pairs, batch_size=64, max_length=512):
+    """Cross-encoder scores of (query, passage) pairs, in input order.
+
+    Pairs are batched by token length, so each batch pads to its own longest pair rather than the longest overall.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = tokenizer([q for q, _ in pairs], [p for _, p in pairs], truncation=True, max_length=max_length)
+    order = sorted(range(len(pairs)), key=lambda i: len(encoded["input_ids"][i]))
+    scores = [0.0] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        batch_ids = order[start : start + batch_size]
+        batch = tokenizer.pad([{k: v[i] for k, v in encoded.items()} for i in batch_ids], return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(**batch).logits
+        for i, score in zip(batch_ids, scores_from_logits(logits)):
+            scores[i] = score
+    return scores
+
+
+def rerank(model, tokenizer, split, batch_size=64, max_length=512):
+    """Score every candidate of `split.run` with the model -> a new run."""
+    keys = [(query_id, doc_id) for query_id in sorted(split.run) for doc_id in ranking(split.run[query_id])]
+    pairs = [(split.queries[query_id], split.corpus[doc_id]) for query_id, doc_id in keys]
+    run = {}
+    for (query_id, doc_id), score in zip(keys, score_pairs(model, tokenizer, pairs, batch_size, max_length)):
+        run.setdefault(query_id, {})[doc_id] = score
+    return run
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Metrics, the TREC way.
+
+
+def relevance_level(qrels):
+    """TREC DL counts grade >= 2 as relevant for binary measures when qrels are graded 0-3; binary qrels use 1."""
+    return 2 if max((rel for docs in qrels.values() for rel in docs.values()), default=1) > 1 else 1
+
+
+def default_measures(qrels):
+    rel = relevance_level(qrels)
+    return [
+        ir_measures.nDCG @ 10,
+        ir_measures.AP(rel=rel),
+        ir_measures.RR(rel=rel) @ 10,
+        ir_measures.Rprec(rel=rel),
+        ir_measures.P(rel=rel) @ 10,
+    ]
+
+
+def evaluate_run(qrels, run, measures=None):
+    """-> ({str(measure): mean}, {query_id: {str(measure): value}}) over the run's judged queries.
+
+    Scores are replaced by ranks in trec_eval's tie order first: ir_measures hands some measures (RR@10) to providers
+    that break ties differently, and a ranking must have one score.
+    """
+    measures = measures or default_measures(qrels)
+    ranked = {
+        query_id: {doc_id: float(-rank) for rank, doc_id in enumerate(ranking(scores))}
+        for query_id, scores in run.items()
+        if query_id in qrels
+    }
+    per_query = {}
+    for metric in ir_measures.iter_calc(measures, qrels, ranked):
+        per_query.setdefault(metric.query_id, {})[str(metric.measure)] = metric.value
+    aggregate = {str(m): v for m, v in ir_measures.calc_aggregate(measures, qrels, ranked).items()}
+    return aggregate, per_query
