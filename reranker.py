@@ -1,8 +1,8 @@
 """What train.py and evaluate.py share: the thesis model presets, the IR file formats, scoring and metrics.
 
 Vocabulary (as in ir_measures / pyserini): `qrels` = {query_id: {doc_id: relevance}}, `run` = {query_id: {doc_id: score}}.
-A collection split `DIR:SPLIT` is `DIR/corpus.tsv`, `DIR/queries.SPLIT.tsv`, `DIR/qrels.SPLIT.txt` and (optional)
-`DIR/run.SPLIT.trec`: the layout of ../shared/data.
+A collection split `DIR:SPLIT` is `DIR/corpus.tsv`, `DIR/queries.SPLIT.tsv`, `DIR/qrels.SPLIT.txt` and
+`DIR/run.SPLIT.trec` (else BM25 over the corpus): the layout of ../shared/data.
 """
 
 import os
@@ -11,6 +11,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import bm25s
+import Stemmer
 import ir_measures
 import torch
 
@@ -65,8 +67,9 @@ def exit_on_input_error(main):
 # File formats.
 
 
-def read_fields(path, n_columns, sep="\t"):
-    """Yield (line_number, fields) of a text file with exactly `n_columns` non-empty fields per line."""
+def read_fields(path, n_columns, sep="\t", may_be_empty=()):
+    """Yield (line_number, fields) of a text file with exactly `n_columns` fields per line, non-empty but for the
+    columns (0-based) in `may_be_empty`."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -78,14 +81,18 @@ def read_fields(path, n_columns, sep="\t"):
             fields = line.split(sep) if sep else line.split()
             if len(fields) != n_columns:
                 raise InputError(f"{path}:{line_number}: expected {n_columns} columns, found {len(fields)}")
-            if any(not field.strip() for field in fields):
+            if any(not field.strip() for column, field in enumerate(fields) if column not in may_be_empty):
                 raise InputError(f"{path}:{line_number}: empty field")
             yield line_number, [field.strip() for field in fields]
 
 
-def read_texts(path, keep=None):
-    """`doc_id<TAB>text` or `query_id<TAB>text` -> {id: text}; with `keep`, only those ids (a corpus can be large)."""
-    return {id_: text for _, (id_, text) in read_fields(path, 2) if keep is None or id_ in keep}
+def read_texts(path, keep=None, empty_text=False):
+    """`doc_id<TAB>text` or `query_id<TAB>text` -> {id: text}; with `keep`, only those ids (a corpus can be large).
+
+    empty_text: a text may be empty (a corpus: Cranfield has two empty abstracts); an id never.
+    """
+    fields = read_fields(path, 2, may_be_empty=(1,) if empty_text else ())
+    return {id_: text for _, (id_, text) in fields if keep is None or id_ in keep}
 
 
 def read_qrels(path):
@@ -115,6 +122,11 @@ def ranking(scores):
     return sorted(scores, key=lambda doc_id: (scores[doc_id], doc_id), reverse=True)
 
 
+def top_candidates(run, k):
+    """The first `k` documents of each query's ranking."""
+    return {query_id: {doc_id: scores[doc_id] for doc_id in ranking(scores)[:k]} for query_id, scores in run.items()}
+
+
 def format_run(run, tag):
     return "".join(
         f"{query_id} Q0 {doc_id} {rank} {run[query_id][doc_id]:.6f} {tag}\n"
@@ -130,6 +142,35 @@ def write_atomic(path, text):
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
         tmp.write(text)
     os.replace(tmp.name, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# First stage, where a split has no run: BM25.
+
+BM25_K1, BM25_B = 0.9, 0.4  # Anserini's defaults for MS MARCO passage
+BM25_DEPTH = 1000  # candidates per query when no top_k is given: the TREC DL first stage
+
+
+def bm25_run(corpus, queries, k):
+    """BM25 top-k of every query over `corpus` ({doc_id: text}) -> run; documents sharing no term are left out.
+
+    Lucene's BM25 (bm25s' default) with Anserini's k1 and b, on lowercased, Porter-stemmed word tokens without English
+    stop words, as Anserini tokenizes.
+    """
+    doc_ids = list(corpus)
+    retriever = bm25s.BM25(k1=BM25_K1, b=BM25_B)
+    stemmer = Stemmer.Stemmer("porter")
+    doc_tokens = bm25s.tokenize([corpus[d] for d in doc_ids], stopwords="en", stemmer=stemmer, show_progress=False)
+    retriever.index(doc_tokens, show_progress=False)
+    query_ids = list(queries)
+    tokens = bm25s.tokenize(
+        [queries[q] for q in query_ids], stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False
+    )
+    found, scores = retriever.retrieve(tokens, k=min(k, len(doc_ids)), show_progress=False)
+    return {
+        query_id: {doc_ids[i]: float(score) for i, score in zip(found[n], scores[n]) if score > 0}
+        for n, query_id in enumerate(query_ids)
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -169,18 +210,20 @@ def load_split(spec, top_k=None, need_qrels_text=False):
     paths = split_paths(spec)
     queries = read_texts(paths["queries"])
     qrels = read_qrels(paths["qrels"])
-    if not paths["run"].is_file():
-        raise InputError(f"{paths['run']}: no such file (a split without a run needs BM25: use evaluate.py)")
-    run = read_run(paths["run"])
-    for query_id in run:
-        if query_id not in queries:
-            raise InputError(f"{paths['run']}:{_line_of(paths['run'], query_id)}: query {query_id} not in {paths['queries']}")
+    if paths["run"].is_file():
+        run = read_run(paths["run"])
+        for query_id in run:
+            if query_id not in queries:
+                line = _line_of(paths["run"], query_id)
+                raise InputError(f"{paths['run']}:{line}: query {query_id} not in {paths['queries']}")
+    else:  # no first-stage run: BM25 over the whole corpus
+        run = bm25_run(read_texts(paths["corpus"], empty_text=True), queries, top_k or BM25_DEPTH)
     if top_k:
-        run = {query_id: {d: scores[d] for d in ranking(scores)[:top_k]} for query_id, scores in run.items()}
+        run = top_candidates(run, top_k)
     needed = {doc_id for scores in run.values() for doc_id in scores}
     if need_qrels_text:
         needed |= {doc_id for judged in qrels.values() for doc_id in judged}
-    corpus = read_texts(paths["corpus"], keep=needed)
+    corpus = read_texts(paths["corpus"], keep=needed, empty_text=True)
     for path, table in [(paths["run"], run)] + ([(paths["qrels"], qrels)] if need_qrels_text else []):
         for query_id, docs in table.items():
             for doc_id in docs:

@@ -31,6 +31,7 @@ import datasets
 import ir_measures
 import torch
 import torch.nn.functional as F
+from torch.utils.data import SequentialSampler
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -294,6 +295,11 @@ class RerankerTrainer(Trainer):
             )
         return super().create_optimizer(model)
 
+    def _get_eval_sampler(self, eval_dataset):
+        # Keep the validation set's order (already sorted by length): rerank_metrics maps predictions back to
+        # (query, doc) by position, and group_by_length would shuffle evaluation batches too.
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
@@ -413,11 +419,10 @@ def main(argv=None):
     # 6. Save the final model (safetensors) and tokenizer at the root of output_dir.
     trainer.save_model()
     trainer.save_state()
-    evaluated_last_step = any(
-        "eval_loss" in entry and entry["step"] == trainer.state.global_step for entry in trainer.state.log_history
-    )
-    if eval_dataset is not None and (training_args.load_best_model_at_end or not evaluated_last_step):
-        metrics = trainer.evaluate()
+    if eval_dataset is not None:  # the final model's validation metrics, evaluated once
+        last = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
+        reuse = last and not training_args.load_best_model_at_end
+        metrics = {k: v for k, v in last[-1].items() if k.startswith("eval_")} if reuse else trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GteConfig, ModernBertConfig
 
 import train
-from reranker import PRESETS, InputError, Preset, load_split, rerank
+from reranker import PRESETS, InputError, Preset, evaluate_run, load_split, rerank
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -374,3 +374,20 @@ def test_report_to_wandb_without_an_account_logs_offline_and_never_fails(minilm,
     assert "logging offline" in result.stderr
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+@needs_data
+def test_validation_metrics_equal_a_rerank_of_the_same_candidates(minilm, tmp_path):
+    """The Trainer's eval_mrr@10 / eval_ndcg@10 are evaluate.py's numbers for the same model and candidates."""
+    out = tmp_path / "out"
+    train.main(
+        ["--model", minilm, "--train_data", f"{DATA}/msmarco-sample:train", "--eval_data",
+         f"{DATA}/msmarco-sample:test", "--eval_top_k", "4", "--negatives_per_query", "1", "--max_steps", "2",
+         "--warmup_steps", "1", "--max_length", "96", "--output_dir", str(out), "--report_to", "none"]
+    )  # fmt: skip
+    logged = json.loads((out / "eval_results.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    split = load_split(f"{DATA}/msmarco-sample:test", top_k=4)
+    aggregate, _ = evaluate_run(split.qrels, rerank(model, AutoTokenizer.from_pretrained(out), split, max_length=96))
+    assert logged["eval_mrr@10"] == pytest.approx(aggregate["RR@10"], abs=1e-6)
+    assert logged["eval_ndcg@10"] == pytest.approx(aggregate["nDCG@10"], abs=1e-6)

@@ -1,0 +1,493 @@
+"""Rerank first-stage candidates with cross-encoders and score every run the way TREC does: the thesis's Table 5.1.
+
+    # trained rerankers on TREC DL 2019 and MS MARCO dev small, reranking the official BM25 top-1000 (ir_datasets)
+    python evaluate.py --models runs/minilm runs/gte runs/modernbert --data dl19 dev-small
+    # the protocol of the thesis's MRR@10 column: MS MARCO v1.1 validation, each query's ~10 given passages
+    python evaluate.py --models runs/minilm --data msmarco-v1.1-val
+    # local splits DIR:SPLIT (candidates from DIR/run.SPLIT.trec, else BM25 over DIR/corpus.tsv); minutes on a CPU
+    python evaluate.py --models runs/minilm runs/gte \
+        --data ../shared/data/msmarco-sample:test ../shared/data/msmarco-sample:test-graded
+    # TREC run files as they are, no model
+    python evaluate.py --run bm25.trec monobert.trec --data ../shared/data/trec-dl:dl19
+    # several GPUs: the queries are split across processes and gathered on the main one, which writes
+    accelerate launch evaluate.py --models runs/minilm --data dl19 dev-small
+
+--data SPEC: `DIR:SPLIT`; `dl19`, `dl20`, `dev-small` (ir_datasets msmarco-passage/trec-dl-2019/judged,
+msmarco-passage/trec-dl-2020/judged, msmarco-passage/dev/small with their official BM25 top-1000); `irds:<id>`
+(any ir_datasets id with scoreddocs); `msmarco-v1.1-val` (Hugging Face microsoft/ms_marco v1.1 validation,
+`is_selected` as the label: not the standard dev-small MRR@10).
+
+Writes to --output_dir: `metrics.json` (data spec -> system -> measure -> value, and the p-values), and per data a
+folder with `SYSTEM.trec` (TREC run) and `SYSTEM.per_query.json`. A killed rerank leaves `SYSTEM.scored-RANK.jsonl`
+(the queries already scored); the same command again scores only the rest, and writes the same run file.
+"""
+
+import glob
+import json
+import logging
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import datasets
+import ir_datasets
+import ir_measures
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from scipy import stats
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
+
+from reranker import (
+    InputError,
+    Split,
+    default_measures,
+    evaluate_run,
+    exit_on_input_error,
+    format_run,
+    load_split,
+    read_fields,
+    read_qrels,
+    read_run,
+    read_texts,
+    relevance_level,
+    rerank,
+    split_paths,
+    top_candidates,
+    write_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+IRDS_NAMES = {
+    "dl19": "msmarco-passage/trec-dl-2019/judged",
+    "dl20": "msmarco-passage/trec-dl-2020/judged",
+    "dev-small": "msmarco-passage/dev/small",
+}
+MSMARCO_V11 = "msmarco-v1.1-val"
+DEV_SETS = ["dev-small", MSMARCO_V11]  # with dl19, these give the thesis's combined table
+COLUMNS = ["NDCG@10", "MAP", "MRR@10", "R-Prec", "P@10"]  # the table's names for reranker.default_measures, in order
+THESIS_DL19_COLUMNS = ["NDCG@10", "MAP", "R-Prec", "P@10"]  # and MRR@10 from the dev set
+ALPHA = 0.05  # significance level of the table's markers
+BASELINE_MARK, FIRST_STAGE_MARK = "*", "†"
+CHUNK_PAIRS = 4096  # pairs scored between two saves of the side file: the most a killed rerank loses
+
+
+@dataclass
+class EvaluationArguments:
+    data: list[str] = field(
+        metadata={"help": "DIR:SPLIT, dl19, dl20, dev-small, irds:<ir_datasets id> or msmarco-v1.1-val (one or more)."}
+    )
+    models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Cross-encoder folders or hub ids; each is a system named after its folder."},
+    )
+    run: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Instead of --models: TREC run files to score as they are, against one --data."},
+    )
+    top_k: int = field(default=1000, metadata={"help": "Candidates reranked per query: TREC DL's BM25 top-1000."})
+    batch_size: int = field(default=64, metadata={"help": "Pairs per forward pass; lower it when out of memory."})
+    max_length: int = field(
+        default=512, metadata={"help": "Tokens per (query, passage) pair; MS MARCO passages fit in 512."}
+    )
+    output_dir: str = field(default="results/eval", metadata={"help": "Where run files and metrics.json go."})
+    baseline: str | None = field(
+        default=None,
+        metadata={"help": "System every other is tested against (default: the first model or run). BM25 always is."},
+    )
+    metrics: list[str] = field(
+        default_factory=list,
+        metadata={"help": "ir_measures names replacing the default set, e.g. nDCG@10 'AP(rel=2)' 'RR(rel=2)@10'."},
+    )
+
+    def __post_init__(self):
+        if bool(self.models) == bool(self.run):
+            raise InputError("give either --models or --run")
+        if self.run and len(self.data) != 1:
+            raise InputError("--run scores run files against exactly one --data")
+        if self.top_k < 1 or self.batch_size < 1 or self.max_length < 1:
+            raise InputError("--top_k, --batch_size and --max_length must be positive")
+
+
+def one_line(error):
+    """The gist of a library's exception, on one line."""
+    return " ".join(str(error.args[0] if error.args else type(error).__name__).split())
+
+
+@contextmanager
+def quiet_downloads():
+    """Libraries' download chatter off (retries, mirrors tried): offline, the error is our one line."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data: every SPEC becomes a reranker.Split (queries, qrels, first-stage run, corpus).
+
+
+def load_data(spec, top_k, with_candidates=True):
+    """A SPEC's queries and qrels, and with_candidates its first-stage top_k and their text."""
+    if spec == MSMARCO_V11:
+        with quiet_downloads():
+            return load_msmarco_v11(top_k)
+    if spec in IRDS_NAMES or spec.startswith("irds:"):
+        with quiet_downloads():
+            return load_irds(spec, IRDS_NAMES.get(spec, spec.removeprefix("irds:")), top_k, with_candidates)
+    if ":" not in spec:
+        raise InputError(f"{spec}: unknown data, expected DIR:SPLIT, dl19, dl20, dev-small, irds:<id> or {MSMARCO_V11}")
+    if with_candidates:
+        return load_split(spec, top_k)
+    paths = split_paths(spec)  # run files need no corpus (../shared/data/trec-dl has none)
+    return Split(read_texts(paths["queries"]), read_qrels(paths["qrels"]), {}, {}, spec)
+
+
+def load_irds(spec, dataset_id, top_k, with_candidates):
+    try:
+        dataset = ir_datasets.load(dataset_id)
+    except KeyError:
+        raise InputError(f"{spec}: {dataset_id} is not an ir_datasets id") from None
+    if with_candidates and not dataset.has_scoreddocs():
+        raise InputError(f"{spec}: {dataset_id} has no first-stage run (scoreddocs) to rerank")
+    try:  # downloads on first use
+        queries = {query.query_id: query.default_text() for query in dataset.queries_iter()}
+        qrels = {}
+        for qrel in dataset.qrels_iter():
+            qrels.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
+        run, corpus = {}, {}
+        if with_candidates:
+            for scored in dataset.scoreddocs_iter():
+                run.setdefault(scored.query_id, {})[scored.doc_id] = scored.score
+            run = top_candidates(run, top_k)
+            needed = {doc_id for scores in run.values() for doc_id in scores}
+            corpus = {doc.doc_id: doc.default_text() for doc in dataset.docs_store().get_many_iter(needed)}
+    except (OSError, RuntimeError) as error:  # ir_datasets raises RuntimeError when every download source fails
+        raise InputError(f"{spec}: cannot load {dataset_id} with ir_datasets: {one_line(error)}") from None
+    return Split(queries, qrels, run, corpus, spec)
+
+
+def load_msmarco_v11(top_k):
+    """MS MARCO v1.1 validation: each query's given passages (in the given order) with `is_selected` as the label.
+
+    Queries without a selected passage are left out, as MS MARCO's own evaluation leaves them out.
+    """
+    try:
+        rows = datasets.load_dataset("microsoft/ms_marco", "v1.1", split="validation")
+    except OSError as error:  # offline: ConnectionError; unknown name: DatasetNotFoundError
+        raise InputError(f"{MSMARCO_V11}: cannot load microsoft/ms_marco v1.1: {one_line(error)}") from None
+    queries, qrels, run, corpus = {}, {}, {}, {}
+    for row in rows:
+        passages = row["passages"]
+        if not any(passages["is_selected"]):
+            continue
+        query_id = str(row["query_id"])
+        queries[query_id] = row["query"]
+        for i, (text, selected) in enumerate(zip(passages["passage_text"], passages["is_selected"])):
+            doc_id = f"{query_id}-{i}"
+            corpus[doc_id] = text
+            qrels.setdefault(query_id, {})[doc_id] = int(selected)
+            run.setdefault(query_id, {})[doc_id] = float(len(passages["passage_text"]) - i)  # the given order
+    return Split(queries, qrels, top_candidates(run, top_k), corpus, MSMARCO_V11)
+
+
+def first_stage_name(spec):
+    return "given-order" if spec == MSMARCO_V11 else "BM25"
+
+
+def data_folder(spec):
+    """A folder name for a SPEC: `../shared/data/msmarco-sample:test` -> `msmarco-sample-test`."""
+    directory, _, split = spec.rpartition(":")
+    if directory and directory != "irds":
+        return f"{Path(directory).name}-{split}"
+    return re.sub(r"[^\w.-]+", "-", spec)
+
+
+def read_checked_run(path, split):
+    """A run file whose queries are all queries of `split`."""
+    run = read_run(path)
+    if any(query_id not in split.queries for query_id in run):
+        for line_number, (query_id, *_) in read_fields(path, 6, sep=None):
+            if query_id not in split.queries:
+                raise InputError(f"{path}:{line_number}: query {query_id} is not a query of {split.name}")
+    return run
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models and the resumable rerank.
+
+
+def check_cross_encoder(model):
+    """Fail before anything is scored on a model that is not a one-logit sequence classifier."""
+    path = Path(model)
+    if not path.exists() and path.parent != Path(".") and path.parent.is_dir():
+        raise InputError(f"{model}: no such folder")  # rather than a hub id: runs/minilm, not org/name
+    try:
+        with quiet_downloads():  # a hub id
+            config = AutoConfig.from_pretrained(model)
+            tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{model}: cannot load a model and tokenizer: {one_line(error)}") from None
+    if len(tokenizer) < getattr(config, "vocab_size", 0) / 2:  # transformers 5 makes an empty one where none is saved
+        raise InputError(f"{model}: no tokenizer saved with it ({len(tokenizer)} tokens for {config.vocab_size})")
+    architectures = config.architectures or []
+    if config.num_labels != 1 or not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise InputError(
+            f"{model}: not a cross-encoder ({', '.join(architectures) or 'no architecture'} with {config.num_labels}"
+            " labels; expected a ...ForSequenceClassification with 1 label, as train.py saves)"
+        )
+
+
+def load_cross_encoder(model, device):
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    network, loading = AutoModelForSequenceClassification.from_pretrained(model, output_loading_info=True)
+    if loading["missing_keys"]:
+        raise InputError(f"{model}: no trained weights for {', '.join(sorted(loading['missing_keys']))}")
+    return network.to(device), tokenizer
+
+
+def query_chunks(run):
+    """The run's query ids, sorted, cut into chunks of about CHUNK_PAIRS pairs: the unit saved and shared out."""
+    chunks, pairs = [[]], 0
+    for query_id in sorted(run):
+        if pairs >= CHUNK_PAIRS:
+            chunks, pairs = chunks + [[]], 0
+        chunks[-1].append(query_id)
+        pairs += len(run[query_id])
+    return [chunk for chunk in chunks if chunk]
+
+
+def side_files(stem):
+    """The side files of a rerank, one per process: `STEM.scored-RANK.jsonl`."""
+    return sorted(glob.glob(glob.escape(stem) + ".scored-*.jsonl"))
+
+
+def read_scored(stem, key):
+    """{chunk: run} that earlier, killed reranks with the same settings saved; a torn last line is skipped."""
+    scored = {}
+    for path in side_files(stem):
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if entry["key"] == key:
+                    scored[entry["chunk"]] = entry["run"]
+    return scored
+
+
+def rerank_resumable(model, tokenizer, split, stem, key, args, state):
+    """Rerank `split.run` chunk by chunk, appending each scored chunk to a side file; chunks saved before are kept.
+
+    The chunks do not depend on what was saved, so every pair is scored in the same batch as in an unbroken run.
+    """
+    chunks = query_chunks(split.run)
+    scored = read_scored(stem, key)
+    if scored:
+        logger.info("%s: resuming, %d of %d chunks already scored", stem, len(scored), len(chunks))
+    state.wait_for_everyone()  # every process has read the side files before any process appends to them
+    todo = [i for i in range(len(chunks)) if i not in scored]
+    new = {}
+    with state.split_between_processes(todo) as mine:
+        pairs = sum(len(split.run[query_id]) for i in mine for query_id in chunks[i])
+        description = f"{Path(stem).parent.name} {Path(stem).name}"
+        with tqdm(total=pairs, unit="pair", desc=description, disable=not state.is_main_process) as progress:
+            for i in mine:
+                candidates = {query_id: split.run[query_id] for query_id in chunks[i]}
+                new[i] = rerank(model, tokenizer, replace(split, run=candidates), args.batch_size, args.max_length)
+                with open(f"{stem}.scored-{state.process_index}.jsonl", "a", encoding="utf-8") as side:
+                    side.write("\n" + json.dumps({"key": key, "chunk": i, "run": new[i]}))  # "\n" ends a torn line
+                progress.update(sum(len(scores) for scores in candidates.values()))
+    for part in gather_object([new]):
+        scored.update(part)
+    return {query_id: scores for i in sorted(scored) for query_id, scores in scored[i].items()}
+
+
+def as_written(run):
+    """Scores rounded as the run file writes them, so the metrics are those of the file (ties included)."""
+    return {query_id: {doc_id: round(score, 6) for doc_id, score in scores.items()} for query_id, scores in run.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Significance and tables.
+
+
+def paired_p_value(per_query, other, measure):
+    """Two-sided paired t-test over the queries both systems answered; None with fewer than two queries."""
+    queries = sorted(set(per_query) & set(other))
+    a = [per_query[query_id][measure] for query_id in queries]
+    b = [other[query_id][measure] for query_id in queries]
+    if len(queries) < 2:
+        return None
+    if a == b:
+        return 1.0  # no difference at all (scipy says nan)
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def holm(p_values):
+    """Holm-Bonferroni adjusted p-values, in the input order: the i-th smallest times (m - i + 1), kept monotone."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def add_significance(metrics, per_query, comparisons, measures):
+    """Into `metrics[system]`: `p vs REFERENCE` -> {measure: p} per comparison, and with more than two systems
+    `p (Holm) vs REFERENCE`, corrected over all comparisons of that measure."""
+    for system, reference in comparisons:
+        metrics[system][f"p vs {reference}"] = {
+            str(m): paired_p_value(per_query[system], per_query[reference], str(m)) for m in measures
+        }
+    if len(metrics) <= 2:
+        return
+    for measure in map(str, measures):
+        tested = [(s, r) for s, r in comparisons if metrics[s][f"p vs {r}"][measure] is not None]
+        adjusted = holm([metrics[s][f"p vs {r}"][measure] for s, r in tested])
+        for (system, reference), p in zip(tested, adjusted):
+            metrics[system].setdefault(f"p (Holm) vs {reference}", {})[measure] = p
+
+
+def cell(values, measure, marks):
+    """A table value with the mark of every reference it differs from significantly (Holm-corrected if there)."""
+    out = f"{values[measure]:.4f}"
+    for mark, reference in marks:
+        p = values.get(f"p (Holm) vs {reference}", values.get(f"p vs {reference}", {})).get(measure)
+        if p is not None and p < ALPHA:
+            out += mark
+    return out
+
+
+def markdown_table(header, rows):
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def data_table(metrics, columns, marks):
+    rows = [[system] + [cell(values, m, marks) for m in columns.values()] for system, values in metrics.items()]
+    return markdown_table(["System", *columns], rows)
+
+
+def thesis_table(metrics, columns, marks, dev):
+    """The thesis's layout: NDCG@10, MAP, R-Prec, P@10 on DL19 and MRR@10 on a dev set, for systems in both."""
+    header = ["System"] + [f"{c} (DL19)" for c in THESIS_DL19_COLUMNS] + [f"MRR@10 ({dev})"]
+    rows = [
+        [system]
+        + [cell(values, columns["dl19"][c], marks["dl19"]) for c in THESIS_DL19_COLUMNS]
+        + [cell(metrics[dev][system], columns[dev]["MRR@10"], marks[dev])]
+        for system, values in metrics["dl19"].items()
+        if system in metrics[dev]
+    ]
+    return markdown_table(header, rows)
+
+
+def legend(marks, n_systems):
+    parts = [f"{mark} p < {ALPHA} against {reference}" for mark, reference in marks]
+    holm_note = ", Holm-corrected" if n_systems > 2 else ""
+    return f"{'; '.join(parts)} (two-sided paired t-test over queries{holm_note})"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@exit_on_input_error
+def main():
+    # 1. Arguments, and the process layout (several under `accelerate launch`)
+    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses()
+    state = PartialState()
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if state.is_main_process else logging.WARNING
+    )
+    try:
+        chosen_measures = [ir_measures.parse_measure(name) for name in args.metrics]
+    except (NameError, ValueError) as error:
+        raise InputError(f"--metrics: {one_line(error)}") from None
+
+    # 2. Data, all of it read and checked before anything is scored or written
+    splits = {spec: load_data(spec, args.top_k, with_candidates=bool(args.models)) for spec in args.data}
+
+    # 3. Systems: the given run files, or the first stage and each model (checked now, loaded in 4)
+    names = [Path(path).stem for path in args.run] or [Path(model.rstrip("/")).name for model in args.models]
+    first_stages = set() if args.run else {first_stage_name(spec) for spec in splits}
+    if len(set(names)) < len(names) or first_stages & set(names):
+        raise InputError(f"systems are named after their folders or files, and these clash: {', '.join(names)}")
+    baseline = args.baseline or names[0]
+    if baseline not in names + sorted(first_stages):
+        raise InputError(f"--baseline {baseline}: not one of {', '.join(sorted(first_stages) + names)}")
+    for model in args.models:
+        check_cross_encoder(model)
+    runs = {spec: {} for spec in splits}  # spec -> system -> run
+    for spec, split in splits.items():
+        if args.run:
+            runs[spec] = {name: read_checked_run(path, split) for name, path in zip(names, args.run)}
+        else:
+            runs[spec][first_stage_name(spec)] = as_written(split.run)
+
+    # 4. Rerank each data's candidates with each model; killed, it resumes from the side files
+    output_dir = Path(args.output_dir)
+    for model, name in zip(args.models, names):
+        network, tokenizer = load_cross_encoder(model, state.device)
+        for spec, split in splits.items():
+            stem = output_dir / data_folder(spec) / name
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            key = f"{model} {spec} top_k={args.top_k} max_length={args.max_length} batch_size={args.batch_size}"
+            logger.info("Reranking %s with %s", spec, model)
+            runs[spec][name] = as_written(rerank_resumable(network, tokenizer, split, str(stem), key, args, state))
+        del network
+    if not state.is_main_process:
+        return
+
+    # 5. Metrics per query and system (judged queries only), and the paired tests against the baseline and BM25
+    metrics, per_query, columns, marks = {}, {}, {}, {}
+    for spec, split in splits.items():
+        measures = chosen_measures or default_measures(split.qrels)
+        names_shown = [str(m) for m in measures] if chosen_measures else COLUMNS
+        columns[spec] = dict(zip(names_shown, map(str, measures)))
+        metrics[spec], per_query[spec] = {}, {}
+        for name, run in runs[spec].items():
+            aggregate, per_query[spec][name] = evaluate_run(split.qrels, run, measures)
+            if not per_query[spec][name]:
+                raise InputError(f"{name}: no query of its run is judged in {spec}")
+            metrics[spec][name] = {str(m): aggregate[str(m)] for m in measures}  # in the order of the columns
+        first_stage = None if args.run else first_stage_name(spec)
+        references = [r for r in dict.fromkeys([baseline, first_stage]) if r in runs[spec]]
+        comparisons = [(s, r) for s in names for r in references if s != r]
+        add_significance(metrics[spec], per_query[spec], comparisons, measures)
+        tested_against = [r for r in references if any(reference == r for _, reference in comparisons)]
+        marks[spec] = [(BASELINE_MARK if r == baseline else FIRST_STAGE_MARK, r) for r in tested_against]
+
+    # 6. Write run files, per-query metrics and metrics.json (atomically), then drop the side files
+    for spec in splits:
+        folder = output_dir / data_folder(spec)
+        for name, run in runs[spec].items():
+            if not args.run:
+                write_atomic(folder / f"{name}.trec", format_run(run, re.sub(r"\s+", "_", name)))
+            write_atomic(folder / f"{name}.per_query.json", json.dumps(per_query[spec][name], indent=1) + "\n")
+    write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    reranks = [output_dir / data_folder(spec) / name for spec in splits for name in names] if args.models else []
+    for side_file in [path for stem in reranks for path in side_files(str(stem))]:
+        Path(side_file).unlink()
+    logger.info("Wrote %s", output_dir / "metrics.json")
+
+    # 7. The tables, as markdown
+    for spec, split in splits.items():
+        judged = len(next(iter(per_query[spec].values())))
+        qrels_kind = "graded qrels, relevant = grade >= 2" if relevance_level(split.qrels) == 2 else "binary qrels"
+        print(f"\n## {spec} ({judged} judged queries, {qrels_kind})\n")
+        print(data_table(metrics[spec], columns[spec], marks[spec]))
+        if marks[spec]:
+            print(f"\n{legend(marks[spec], len(metrics[spec]))}")
+    for dev in [d for d in DEV_SETS if "dl19" in splits and d in splits]:
+        if set(THESIS_DL19_COLUMNS) <= set(columns["dl19"]) and "MRR@10" in columns[dev]:
+            print(f"\n## Thesis layout: TREC DL 2019 and {dev}\n")
+            print(thesis_table(metrics, columns, marks, dev))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The study's results table and training-dynamics figures, from what run_all.sh left in its output folder.
+
+    python report.py --results results      # reads results/eval/metrics.json and results/runs/*/trainer_state.json
+
+Writes `results/table.md` (per data: one row per system, mean ± standard deviation over seeds when a configuration
+ran with several; Lion tested against AdamW per backbone) and `results/figures/*.png`: per backbone, Lion and AdamW
+overlaid for training loss, evaluation loss, learning rate and gradient norm (thesis Figures 5.1-5.10), and a bar
+chart of the table's metrics.
+"""
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+from evaluate import ALPHA, COLUMNS, data_folder, markdown_table, paired_p_value  # noqa: E402
+from reranker import InputError, exit_on_input_error, write_atomic  # noqa: E402
+
+OPTIMIZERS = ("adamw", "lion")
+LION_MARK = "‡"
+CURVES = {  # trainer_state.json key -> (figure title, y label)
+    "loss": ("Training loss", "BCE loss"),
+    "eval_loss": ("Evaluation loss", "BCE loss"),
+    "learning_rate": ("Learning rate", "learning rate"),
+    "grad_norm": ("Gradient norm (before clipping)", "L2 norm"),
+}
+COLORS = {"adamw": "tab:blue", "lion": "tab:orange"}
+
+
+@dataclass
+class ReportArguments:
+    results: str = field(default="results", metadata={"help": "run_all.sh's --output folder."})
+
+
+@dataclass
+class Configuration:
+    """One row of the table: a backbone and optimizer, with its runs over seeds (one system each)."""
+
+    name: str
+    backbone: str | None
+    optimizer: str | None
+    systems: list = field(default_factory=list)
+
+
+def configurations(system_names):
+    """Group systems named `BACKBONE-OPTIM[-seedN]` over seeds; other names (BM25, untrained) stand alone."""
+    groups = {}
+    for system in system_names:
+        name = re.sub(r"-seed\d+$", "", system)
+        backbone, _, optimizer = name.rpartition("-")
+        if optimizer not in OPTIMIZERS:
+            backbone, optimizer = None, None
+        groups.setdefault(name, Configuration(name, backbone, optimizer)).systems.append(system)
+    return list(groups.values())
+
+
+def mean_std(values):
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def seed_averaged(per_query_runs):
+    """Per-query values averaged over seeds: {query_id: {measure: mean}}, over the queries all seeds have."""
+    queries = set.intersection(*(set(run) for run in per_query_runs))
+    return {
+        query_id: {m: statistics.mean(run[query_id][m] for run in per_query_runs) for m in per_query_runs[0][query_id]}
+        for query_id in queries
+    }
+
+
+def data_table(spec, metrics, eval_dir):
+    """Markdown table of one data spec, and the bar chart's values {configuration: {column: mean}}."""
+    systems = list(metrics)
+    measures = [m for m in metrics[systems[0]] if not m.startswith("p ")]
+    columns = dict(zip(COLUMNS, measures)) if len(measures) == len(COLUMNS) else {m: m for m in measures}
+    per_query = {s: json.loads((eval_dir / data_folder(spec) / f"{s}.per_query.json").read_text()) for s in systems}
+    groups = configurations(systems)
+    by_name = {group.name: group for group in groups}
+    rows, bars = [], {}
+    for group in groups:
+        row = [group.name + (f" ({len(group.systems)} seeds)" if len(group.systems) > 1 else "")]
+        adamw = by_name.get(f"{group.backbone}-adamw") if group.optimizer == "lion" else None
+        for column, measure in columns.items():
+            values = [metrics[s][measure] for s in group.systems]
+            text = mean_std(values)
+            if adamw is not None:
+                p = paired_p_value(
+                    seed_averaged([per_query[s] for s in group.systems]),
+                    seed_averaged([per_query[s] for s in adamw.systems]),
+                    measure,
+                )
+                text += LION_MARK if p is not None and p < ALPHA else ""
+            row.append(text)
+            bars.setdefault(group.name, {})[column] = statistics.mean(values)
+        rows.append(row)
+    table = markdown_table(["System", *columns], rows)
+    note = f"{LION_MARK} Lion differs from AdamW on the same backbone, p < {ALPHA} (two-sided paired t-test over queries"
+    note += ", per-query values averaged over seeds)." if any(len(g.systems) > 1 for g in groups) else ")."
+    return f"## {spec}\n\n{table}\n\n{note}\n", bars
+
+
+def training_curves(runs_dir):
+    """{backbone: {optimizer: [(run name, log_history)]}} from every run's trainer_state.json."""
+    curves = {}
+    for state_file in sorted(runs_dir.glob("*/trainer_state.json")):
+        group = configurations([state_file.parent.name])[0]
+        if group.optimizer:
+            history = json.loads(state_file.read_text())["log_history"]
+            curves.setdefault(group.backbone, {}).setdefault(group.optimizer, []).append((state_file.parent.name, history))
+    return curves
+
+
+def plot_curves(curves, figures_dir):
+    written = []
+    for backbone, by_optimizer in curves.items():
+        for key, (title, ylabel) in CURVES.items():
+            lines = [
+                (optimizer, name, [(e["step"], e[key]) for e in history if key in e])
+                for optimizer, runs in by_optimizer.items()
+                for name, history in runs
+            ]
+            lines = [line for line in lines if line[2]]
+            if not lines:
+                continue  # not logged: no empty figure
+            figure, axes = plt.subplots(figsize=(6.4, 4))
+            for optimizer, name, points in lines:
+                steps, values = zip(*points)
+                axes.plot(steps, values, color=COLORS[optimizer], label=name, marker="o" if len(points) < 8 else None)
+            axes.set(title=f"{backbone}: {title}", xlabel="training step", ylabel=ylabel)
+            axes.grid(alpha=0.3)
+            axes.legend()
+            path = figures_dir / f"{backbone}-{key}.png"
+            figure.tight_layout()
+            figure.savefig(path, dpi=120)
+            plt.close(figure)
+            written.append(path)
+    return written
+
+
+def plot_bars(spec, bars, figures_dir):
+    names, columns = list(bars), list(next(iter(bars.values())))
+    width = 0.8 / len(names)
+    figure, axes = plt.subplots(figsize=(max(6.4, 1.4 * len(columns) + 0.3 * len(names)), 4))
+    for i, name in enumerate(names):
+        positions = [c + (i - (len(names) - 1) / 2) * width for c in range(len(columns))]
+        axes.bar(positions, [bars[name][c] for c in columns], width, label=name)
+    axes.set_xticks(range(len(columns)), columns)
+    axes.set(title=f"Reranking quality on {spec}", ylabel="score (mean over seeds)", ylim=(0, 1))
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize="small")
+    path = figures_dir / f"metrics-{data_folder(spec)}.png"
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+@exit_on_input_error
+def main(argv=None):
+    # 1. Arguments and inputs
+    (args,) = HfArgumentParser(ReportArguments).parse_args_into_dataclasses(args=argv)
+    results = Path(args.results)
+    metrics_file = results / "eval" / "metrics.json"
+    if not metrics_file.is_file():
+        raise InputError(f"{metrics_file}: no such file (run evaluate.py --output_dir {results / 'eval'} first)")
+    metrics = json.loads(metrics_file.read_text())
+    figures_dir = results / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+
+    # 2. The table, per data spec, and its bar chart
+    sections, figures = [], []
+    for spec, systems in metrics.items():
+        section, bars = data_table(spec, systems, results / "eval")
+        sections.append(section)
+        figures.append(plot_bars(spec, bars, figures_dir))
+    table = "# Results\n\n" + "\n".join(sections)
+    write_atomic(results / "table.md", table)
+
+    # 3. Training dynamics
+    figures += plot_curves(training_curves(results / "runs"), figures_dir)
+    print(table)
+    print(f"Wrote {results / 'table.md'} and {len(figures)} figures in {figures_dir}")
+
+
+if __name__ == "__main__":
+    main()
