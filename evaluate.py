@@ -33,6 +33,7 @@ from pathlib import Path
 import datasets
 import ir_datasets
 import ir_measures
+import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from scipy import stats
@@ -45,6 +46,7 @@ from reranker import (
     default_measures,
     evaluate_run,
     exit_on_input_error,
+    fast_dtype,
     format_run,
     load_split,
     read_fields,
@@ -54,6 +56,7 @@ from reranker import (
     relevance_level,
     rerank,
     split_paths,
+    to_inference_dtype,
     top_candidates,
     write_atomic,
 )
@@ -88,7 +91,17 @@ class EvaluationArguments:
         metadata={"help": "Instead of --models: TREC run files to score as they are, against one --data."},
     )
     top_k: int = field(default=1000, metadata={"help": "Candidates reranked per query: TREC DL's BM25 top-1000."})
-    batch_size: int = field(default=64, metadata={"help": "Pairs per forward pass; lower it when out of memory."})
+    batch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Padded tokens per forward pass (default 4096 on a CPU, 65536 on a GPU); lower when out of memory."},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: bf16 where the hardware is fast at it (CUDA GPUs, CPUs with AMX), else float32.",
+            "choices": ["auto", "float32", "bfloat16"],
+        },
+    )
     max_length: int = field(
         default=512, metadata={"help": "Tokens per (query, passage) pair; MS MARCO passages fit in 512."}
     )
@@ -107,8 +120,8 @@ class EvaluationArguments:
             raise InputError("give either --models or --run")
         if self.run and len(self.data) != 1:
             raise InputError("--run scores run files against exactly one --data")
-        if self.top_k < 1 or self.batch_size < 1 or self.max_length < 1:
-            raise InputError("--top_k, --batch_size and --max_length must be positive")
+        if self.top_k < 1 or (self.batch_tokens or 1) < 1 or self.max_length < 1:
+            raise InputError("--top_k, --batch_tokens and --max_length must be positive")
 
 
 def one_line(error):
@@ -241,12 +254,12 @@ def check_cross_encoder(model):
         )
 
 
-def load_cross_encoder(model, device):
+def load_cross_encoder(model, device, dtype=torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(model)
     network, loading = AutoModelForSequenceClassification.from_pretrained(model, output_loading_info=True)
     if loading["missing_keys"]:
         raise InputError(f"{model}: no trained weights for {', '.join(sorted(loading['missing_keys']))}")
-    return network.to(device), tokenizer
+    return to_inference_dtype(network.to(device), dtype), tokenizer
 
 
 def query_chunks(run):
@@ -298,7 +311,7 @@ def rerank_resumable(model, tokenizer, split, stem, key, args, state):
         with tqdm(total=pairs, unit="pair", desc=description, disable=not state.is_main_process) as progress:
             for i in mine:
                 candidates = {query_id: split.run[query_id] for query_id in chunks[i]}
-                new[i] = rerank(model, tokenizer, replace(split, run=candidates), args.batch_size, args.max_length)
+                new[i] = rerank(model, tokenizer, replace(split, run=candidates), args.batch_tokens, args.max_length)
                 with open(f"{stem}.scored-{state.process_index}.jsonl", "a", encoding="utf-8") as side:
                     side.write("\n" + json.dumps({"key": key, "chunk": i, "run": new[i]}))  # "\n" ends a torn line
                 progress.update(sum(len(scores) for scores in candidates.values()))
@@ -432,11 +445,12 @@ def main():
     # 4. Rerank each data's candidates with each model; killed, it resumes from the side files
     output_dir = Path(args.output_dir)
     for model, name in zip(args.models, names):
-        network, tokenizer = load_cross_encoder(model, state.device)
+        dtype = fast_dtype(state.device) if args.dtype == "auto" else getattr(torch, args.dtype)
+        network, tokenizer = load_cross_encoder(model, state.device, dtype)
         for spec, split in splits.items():
             stem = output_dir / data_folder(spec) / name
             stem.parent.mkdir(parents=True, exist_ok=True)
-            key = f"{model} {spec} top_k={args.top_k} max_length={args.max_length} batch_size={args.batch_size}"
+            key = f"{model} {spec} top_k={args.top_k} max_length={args.max_length} {dtype} {args.batch_tokens}"
             logger.info("Reranking %s with %s", spec, model)
             runs[spec][name] = as_written(rerank_resumable(network, tokenizer, split, str(stem), key, args, state))
         del network

@@ -141,6 +141,8 @@ def parse_args(argv):
     ]  # fmt: skip
     if first.eval_data:
         defaults += ["--eval_strategy", "epoch"]
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        defaults += ["--use_cpu", "true"]  # CPU only: lets --bf16 run (as autocast; fast on CPUs with AMX)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         defaults += ["--bf16", "true"]  # accelerate_config.yaml: DeepSpeed in bf16 (ds_config.json's "auto")
     try:
@@ -405,7 +407,8 @@ def main(argv=None):
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        # Lengths padded to a multiple of 16: bf16 matrix units (AMX tiles, tensor cores) work in blocks of 16.
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16),
         compute_metrics=compute_metrics,
     )
     try:

@@ -244,7 +244,7 @@ def test_rerank_scores_equal_sentence_transformers_cross_encoder_predict(minilm_
     split = reranker.Split(queries, {}, {"q1": {"d1": 1, "d2": 1, "d3": 1}, "q2": {"d2": 1, "d3": 1}}, corpus, "inline")
     model, tokenizer = evaluate.load_cross_encoder(str(minilm_folders[0]), "cpu")
 
-    ours = reranker.rerank(model, tokenizer, split, batch_size=2)  # length-sorted batches with padding
+    ours = reranker.rerank(model, tokenizer, split, batch_tokens=64)  # length-sorted batches with padding
     cross_encoder = CrossEncoder(str(minilm_folders[0]), device="cpu")
     pairs = [(queries[q], corpus[d]) for q in ours for d in ours[q]]
     expected = cross_encoder.predict(pairs, batch_size=5)
@@ -252,6 +252,27 @@ def test_rerank_scores_equal_sentence_transformers_cross_encoder_predict(minilm_
     assert isinstance(cross_encoder.activation_fn, torch.nn.Sigmoid)  # num_labels=1 -> sigmoid, as ours
     assert [ours[q][d] for q in ours for d in ours[q]] == pytest.approx(expected.tolist(), abs=1e-5)
     assert max(expected) - min(expected) > 1e-3  # the scores differ, so order matters
+
+
+def test_token_batches_sort_by_length_and_keep_to_the_token_budget():
+    # lengths 5, 40, 17, 3, 33 pad to 16, 48, 32, 16, 48; sorted: pairs 3, 0, 2, 4, 1
+    assert reranker.token_batches([5, 40, 17, 3, 33], batch_tokens=64) == [[3, 0], [2], [4], [1]]
+    assert reranker.token_batches([5, 40, 17, 3, 33], batch_tokens=1000) == [[3, 0, 2, 4, 1]]
+    assert reranker.token_batches([600], batch_tokens=64) == [[0]]  # a pair longer than the budget goes alone
+
+
+def test_bf16_reranking_keeps_an_fp32_head_so_scores_do_not_tie(minilm_folders):
+    needs_data("msmarco-sample")
+    split = reranker.load_split(f"{DATA}/msmarco-sample:test", top_k=10)
+    split.run = {q: split.run[q] for q in sorted(split.run)[:6]}
+    fp32, tokenizer = evaluate.load_cross_encoder(str(minilm_folders[0]), "cpu", torch.float32)
+    bf16, _ = evaluate.load_cross_encoder(str(minilm_folders[0]), "cpu", torch.bfloat16)
+    assert bf16.classifier.weight.dtype == torch.float32 and bf16.bert.encoder.layer[0].output.dense.weight.dtype == torch.bfloat16
+    exact, fast = reranker.rerank(fp32, tokenizer, split), reranker.rerank(bf16, tokenizer, split)
+    pairs = [(q, d) for q in exact for d in exact[q]]
+    assert max(abs(exact[q][d] - fast[q][d]) for q, d in pairs) < 0.01
+    for q in exact:  # as many distinct scores per query as fp32 gives (a bf16 logit would tie about half)
+        assert len(set(fast[q].values())) == len(set(exact[q].values())) == len(exact[q])
 
 
 def test_interrupted_rerank_resumes_to_a_byte_identical_run_file(minilm_folders, tmp_path, monkeypatch, capsys):
