@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
-from evaluate import ALPHA, COLUMNS, data_folder, markdown_table, paired_p_value  # noqa: E402
+from evaluate import ALPHA, COLUMNS, DEV_SETS, THESIS_DL19_COLUMNS, data_folder, markdown_table, paired_p_value  # noqa: E402
 from reranker import InputError, exit_on_input_error, write_atomic  # noqa: E402
 
 OPTIMIZERS = ("adamw", "lion")
@@ -76,35 +76,61 @@ def seed_averaged(per_query_runs):
     }
 
 
+def measure_columns(metrics):
+    """{table column: ir_measures name} of one data spec's metrics (evaluate.py writes them in COLUMNS order)."""
+    measures = [m for m in next(iter(metrics.values())) if not m.startswith("p ")]
+    return dict(zip(COLUMNS, measures)) if len(measures) == len(COLUMNS) else {m: m for m in measures}
+
+
+def read_per_query(spec, metrics, eval_dir):
+    return {s: json.loads((eval_dir / data_folder(spec) / f"{s}.per_query.json").read_text()) for s in metrics}
+
+
+def config_cell(group, groups, metrics, per_query, measure):
+    """mean (± std over seeds) of a configuration, marked where Lion differs from AdamW on the same backbone."""
+    text = mean_std([metrics[s][measure] for s in group.systems])
+    adamw = groups.get(f"{group.backbone}-adamw") if group.optimizer == "lion" else None
+    if adamw is not None:
+        p = paired_p_value(
+            seed_averaged([per_query[s] for s in group.systems]),
+            seed_averaged([per_query[s] for s in adamw.systems]),
+            measure,
+        )
+        text += LION_MARK if p is not None and p < ALPHA else ""
+    return text
+
+
+def row_name(group):
+    return group.name + (f" ({len(group.systems)} seeds)" if len(group.systems) > 1 else "")
+
+
 def data_table(spec, metrics, eval_dir):
     """Markdown table of one data spec, and the bar chart's values {configuration: {column: mean}}."""
-    systems = list(metrics)
-    measures = [m for m in metrics[systems[0]] if not m.startswith("p ")]
-    columns = dict(zip(COLUMNS, measures)) if len(measures) == len(COLUMNS) else {m: m for m in measures}
-    per_query = {s: json.loads((eval_dir / data_folder(spec) / f"{s}.per_query.json").read_text()) for s in systems}
-    groups = configurations(systems)
-    by_name = {group.name: group for group in groups}
-    rows, bars = [], {}
-    for group in groups:
-        row = [group.name + (f" ({len(group.systems)} seeds)" if len(group.systems) > 1 else "")]
-        adamw = by_name.get(f"{group.backbone}-adamw") if group.optimizer == "lion" else None
-        for column, measure in columns.items():
-            values = [metrics[s][measure] for s in group.systems]
-            text = mean_std(values)
-            if adamw is not None:
-                p = paired_p_value(
-                    seed_averaged([per_query[s] for s in group.systems]),
-                    seed_averaged([per_query[s] for s in adamw.systems]),
-                    measure,
-                )
-                text += LION_MARK if p is not None and p < ALPHA else ""
-            row.append(text)
-            bars.setdefault(group.name, {})[column] = statistics.mean(values)
-        rows.append(row)
-    table = markdown_table(["System", *columns], rows)
-    note = f"{LION_MARK} Lion differs from AdamW on the same backbone, p < {ALPHA} (two-sided paired t-test over queries"
-    note += ", per-query values averaged over seeds)." if any(len(g.systems) > 1 for g in groups) else ")."
-    return f"## {spec}\n\n{table}\n\n{note}\n", bars
+    columns, per_query = measure_columns(metrics), read_per_query(spec, metrics, eval_dir)
+    groups = {group.name: group for group in configurations(list(metrics))}
+    rows = [
+        [row_name(g)] + [config_cell(g, groups, metrics, per_query, m) for m in columns.values()]
+        for g in groups.values()
+    ]
+    bars = {g.name: {c: statistics.mean(metrics[s][m] for s in g.systems) for c, m in columns.items()} for g in groups.values()}
+    return f"## {spec}\n\n{markdown_table(['System', *columns], rows)}\n", bars
+
+
+def thesis_table(metrics, eval_dir, dev):
+    """The thesis's Table 5.1 layout: NDCG@10, MAP, R-Prec, P@10 on TREC DL 2019 and MRR@10 on a dev set."""
+    dl19_columns, dev_columns = measure_columns(metrics["dl19"]), measure_columns(metrics[dev])
+    dl19_per_query, dev_per_query = read_per_query("dl19", metrics["dl19"], eval_dir), read_per_query(dev, metrics[dev], eval_dir)
+    dl19_groups = {g.name: g for g in configurations(list(metrics["dl19"]))}
+    dev_groups = {g.name: g for g in configurations(list(metrics[dev]))}
+    rows = [
+        [row_name(g)]
+        + [config_cell(g, dl19_groups, metrics["dl19"], dl19_per_query, dl19_columns[c]) for c in THESIS_DL19_COLUMNS]
+        + [config_cell(dev_groups[name], dev_groups, metrics[dev], dev_per_query, dev_columns["MRR@10"])]
+        for name, g in dl19_groups.items()
+        if name in dev_groups
+    ]
+    header = ["System"] + [f"{c} (DL19)" for c in THESIS_DL19_COLUMNS] + [f"MRR@10 ({dev})"]
+    return f"## Thesis layout (Table 5.1): TREC DL 2019 and {dev}\n\n{markdown_table(header, rows)}\n"
 
 
 def training_curves(runs_dir):
@@ -181,7 +207,11 @@ def main(argv=None):
         section, bars = data_table(spec, systems, results / "eval")
         sections.append(section)
         figures.append(plot_bars(spec, bars, figures_dir))
-    table = "# Results\n\n" + "\n".join(sections)
+    for dev in [d for d in DEV_SETS if "dl19" in metrics and d in metrics]:
+        sections.insert(0, thesis_table(metrics, results / "eval", dev))
+    seeds_note = ", per-query values averaged over seeds" if "seeds)" in "".join(sections) else ""
+    note = f"{LION_MARK} Lion differs from AdamW on the same backbone, p < {ALPHA} (two-sided paired t-test over queries"
+    table = "# Results\n\n" + "\n".join(sections) + f"\n{note}{seeds_note}).\n"
     write_atomic(results / "table.md", table)
 
     # 3. Training dynamics
