@@ -1,0 +1,157 @@
+"""The speed table on a GPU, in bf16, with random-initialised models of the thesis's real shapes (no hub needed).
+
+    python bench/gpu.py --tokenizer TOKENIZER_DIR            # about 5 minutes on one H100
+    python bench/gpu.py --tokenizer TOKENIZER_DIR --smoke    # a seconds-long check of the script itself, CPU too
+
+Prints markdown: rerank pairs/s over 43k pairs (TREC DL 2019's size) per backbone; training pairs/s, peak GPU memory
+and MFU per backbone and optimizer (train.py's RerankerTrainer); train.py against CrossEncoderTrainer for MiniLM.
+bench/gpu.sh adds a 20-step `accelerate launch` with DeepSpeed ZeRO-2 and Lion 8-bit. Pairs are built from
+data/demo texts (a query with two passages, about MS MARCO's length), since a GPU machine here reaches no data hub.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, GteConfig, ModernBertConfig
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+from reranker import read_texts, score_pairs, to_inference_dtype  # noqa: E402
+from bench import StepTimer, table  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak, SXM
+
+
+def shapes(vocab_size, smoke):
+    if smoke:
+        small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        return {"MiniLM-L12-H384": BertConfig(vocab_size=vocab_size, **small)}
+    return {
+        "MiniLM-L12-H384": BertConfig(vocab_size=vocab_size, hidden_size=384, num_hidden_layers=12,
+                                      num_attention_heads=12, intermediate_size=1536),
+        "GTE-multilingual-base": GteConfig(vocab_size=vocab_size, type_vocab_size=2),
+        "ModernBERT-base": ModernBertConfig(vocab_size=vocab_size, classifier_pooling="cls"),
+    }  # fmt: skip
+
+
+def demo_pairs(n):
+    corpus = list(read_texts(REPO / "data/demo/corpus.tsv").values())
+    queries = list(read_texts(REPO / "data/demo/queries.train.tsv").values())
+    return [(queries[i % len(queries)], f"{corpus[i % len(corpus)]} {corpus[(7 * i + 3) % len(corpus)]}")
+            for i in range(n)]  # fmt: skip
+
+
+def save_random_model(config, tokenizer, folder):
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def forward_flops(model, tokens):
+    config = model.config
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    return 2 * weights * tokens + 4 * config.num_hidden_layers * tokens**2 * config.hidden_size
+
+
+def train_once(folder, optim, pairs, steps, tmp):
+    script_args, args, _ = train.parse_args(
+        ["--model", str(folder), "--optim", *optim.split(), "--max_steps", str(steps), "--warmup_steps", "1",
+         "--max_length", "256", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1000",
+         "--output_dir", str(tmp / "out"), "--bf16", str(torch.cuda.is_available()), "--disable_tqdm", "true"]
+    )  # fmt: skip
+    model, tokenizer = train.load_model(str(folder))
+    dataset = train.tokenize_pairs(pairs, tokenizer, 256)
+    timer = StepTimer()
+    trainer = train.RerankerTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer],
+        data_collator=train.DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16),
+    )  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    tokens = statistics.mean(len(ids) for ids in dataset["input_ids"])
+    return 16 * timer.steps / timer.elapsed, peak, forward_flops(model, tokens)
+
+
+def st_train_once(folder, pairs, steps, tmp):
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    model = CrossEncoder(str(folder), num_labels=1, max_length=256)
+    data = Dataset.from_dict({"query": [q for q, _, _ in pairs], "passage": [p for _, p, _ in pairs],
+                              "label": [y for _, _, y in pairs]})  # fmt: skip
+    args = CrossEncoderTrainingArguments(
+        output_dir=str(tmp / "st"), max_steps=steps, per_device_train_batch_size=16, warmup_steps=1,
+        save_strategy="no", report_to="none", logging_steps=1000, bf16=torch.cuda.is_available(), disable_tqdm=True,
+    )  # fmt: skip
+    timer = StepTimer()
+    CrossEncoderTrainer(model=model, args=args, train_dataset=data, loss=BinaryCrossEntropyLoss(model),
+                        callbacks=[timer]).train()  # fmt: skip
+    return 16 * timer.steps / timer.elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", required=True, help="a BERT uncased tokenizer folder (vocab 30522)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and counts: checks the script only")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    peak_flops = next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
+    print(f"{name}, torch {torch.__version__}\n")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    n_pairs, steps = (200, 4) if args.smoke else (43_000, 40)
+    pairs = demo_pairs(n_pairs)
+    train_pairs = [(q, p, float(i % 4 == 0)) for i, (q, p) in enumerate(demo_pairs(16 * (steps + 10)))]
+    tmp = Path(tempfile.mkdtemp())
+
+    rerank_rows, train_rows = [], []
+    for model_name, config in shapes(tokenizer.vocab_size, args.smoke).items():
+        folder = tmp / model_name
+        save_random_model(config, tokenizer, folder)
+        # 1. Reranking: evaluate.py's path (bf16 with an fp32 head, token-budget batches)
+        model = AutoModelForSequenceClassification.from_pretrained(folder).to(device)
+        model = to_inference_dtype(model, torch.bfloat16)
+        score_pairs(model, tokenizer, pairs[:2000])  # warm-up: kernels, allocator
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        score_pairs(model, tokenizer, pairs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rate = len(pairs) / (time.perf_counter() - start)
+        rerank_rows.append([model_name, f"{len(pairs)}", f"{rate:,.0f}"])
+        del model
+        # 2. Training with each optimizer: pairs/s, peak memory, MFU (forward + backward = 3 forwards)
+        for optim in ("adamw", "lion --lion_bits 32", "lion --lion_bits 8"):
+            rate, peak_gib, flops = train_once(folder, optim, train_pairs, steps, tmp)
+            mfu = 3 * flops * rate / peak_flops
+            train_rows.append([model_name, optim.replace(" --lion_bits ", " "), f"{rate:,.0f}", f"{peak_gib:.2f}",
+                               f"{mfu:.1%}"])  # fmt: skip
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    print("## Reranking, bf16 (fp32 head), token-budget batches\n")
+    print(table(["model (random init)", "pairs", "pairs/s"], rerank_rows))
+    print("\n## Training, bf16 autocast, batch 16, max length 256\n")
+    print(table(["model (random init)", "optimizer", "pairs/s", "peak GPU memory (GiB)", "MFU"], train_rows))
+
+    folder = tmp / "MiniLM-L12-H384"
+    ours = train_once(folder, "adamw", train_pairs, steps, tmp)[0]
+    theirs = st_train_once(folder, train_pairs, steps, tmp)
+    print("\n## MiniLM-L12 training: train.py vs CrossEncoderTrainer (bf16, AdamW, batch 16)\n")
+    print(table(["trainer", "pairs/s", "ratio"], [["CrossEncoderTrainer", f"{theirs:,.0f}", "1.00x"],
+                                                  ["train.py", f"{ours:,.0f}", f"{ours / theirs:.2f}x"]]))  # fmt: skip
+    save_random_model(shapes(tokenizer.vocab_size, args.smoke)["MiniLM-L12-H384"], tokenizer, REPO / ".gpu/minilm")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU check, as one prepared script: the speed table in bf16 (bench/gpu.py) and 20 steps of
+# `accelerate launch` with DeepSpeed ZeRO-2 and Lion 8-bit, naming the optimizer DeepSpeed really steps.
+# From the repository root on the GPU machine, with the missing packages as wheels in .whl/ and a BERT uncased
+# tokenizer in .gpu/tokenizer/ (see bench/RESULTS.md for how they were made):
+#   bash bench/gpu.sh
+set -uo pipefail
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+fi
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, datasets, pyarrow, bitsandbytes, deepspeed, ir_measures, bm25s
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__,
+      'pyarrow', pyarrow.__version__, 'bitsandbytes', bitsandbytes.__version__, 'deepspeed', deepspeed.__version__)" \
+  2>&1 | grep -v "^\[" || exit 1
+python3 bench/gpu.py --tokenizer .gpu/tokenizer 2>&1 | grep -vE "it/s\]|s/it\]|^\s*$|Warning|warn\("
+echo
+echo "## accelerate launch --config_file accelerate_config.yaml train.py: DeepSpeed ZeRO-2, Lion 8-bit, 20 steps"
+accelerate launch --config_file accelerate_config.yaml train.py --model .gpu/minilm --optim lion --lion_bits 8 \
+  --train_data data/demo:train --negatives_per_query 4 --max_steps 20 --warmup_steps 2 --logging_steps 5 \
+  --save_strategy no --output_dir /tmp/ds-run --report_to none 2>&1 \
+  | grep -E "optimizer stepping|'loss'|train_runtime|rror" | grep -v "^\[" | cut -c1-300
