@@ -14,6 +14,7 @@ from pathlib import Path
 import bm25s
 import Stemmer
 import ir_measures
+import numpy as np
 import torch
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -289,6 +290,25 @@ def token_batches(lengths, batch_tokens):
     return batches + [batch] if batch else batches
 
 
+def pad_batch(encoded, rows, pad_token_id, padding_side="right"):
+    """The tensors of `rows` of a tokenizer's unpadded output, padded to a multiple of PAD_MULTIPLE.
+
+    What tokenizer.pad does, without its per-example Python overhead (on a GPU it was half the rerank time).
+    """
+    lengths = [len(encoded["input_ids"][i]) for i in rows]
+    width = -(-max(lengths) // PAD_MULTIPLE) * PAD_MULTIPLE
+    batch = {}
+    for key, values in encoded.items():
+        array = np.full((len(rows), width), pad_token_id if key == "input_ids" else 0, dtype=np.int64)
+        for row, (i, length) in enumerate(zip(rows, lengths)):
+            if padding_side == "left":
+                array[row, width - length :] = values[i]
+            else:
+                array[row, :length] = values[i]
+        batch[key] = torch.from_numpy(array)
+    return batch
+
+
 @torch.inference_mode()
 def score_pairs(model, tokenizer, pairs, batch_tokens=None, max_length=512):
     """Cross-encoder scores of (query, passage) pairs, in input order, in the model's own dtype.
@@ -301,12 +321,8 @@ def score_pairs(model, tokenizer, pairs, batch_tokens=None, max_length=512):
     encoded = tokenizer([q for q, _ in pairs], [p for _, p in pairs], truncation=True, max_length=max_length)
     scores = [0.0] * len(pairs)
     for batch_ids in token_batches([len(ids) for ids in encoded["input_ids"]], batch_tokens):
-        batch = tokenizer.pad(
-            [{k: v[i] for k, v in encoded.items()} for i in batch_ids],
-            pad_to_multiple_of=PAD_MULTIPLE,
-            return_tensors="pt",
-        )
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        batch = pad_batch(encoded, batch_ids, tokenizer.pad_token_id, tokenizer.padding_side)
+        logits = model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).logits
         for i, score in zip(batch_ids, scores_from_logits(logits)):
             scores[i] = score
     return scores

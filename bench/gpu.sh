@@ -9,13 +9,14 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site || exit 1
 fi
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, datasets, pyarrow, bitsandbytes, deepspeed, ir_measures, bm25s
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__,
       'pyarrow', pyarrow.__version__, 'bitsandbytes', bitsandbytes.__version__, 'deepspeed', deepspeed.__version__)" \
   2>&1 | grep -v "^\[" || exit 1
-python3 bench/gpu.py --tokenizer .gpu/tokenizer 2>&1 | grep -vE "it/s\]|s/it\]|^\s*$|Warning|warn\("
+python3 bench/gpu.py --tokenizer .gpu/tokenizer "$@" 2>&1 | grep -vE "it/s\]|s/it\]|^\s*$|Warning|warn\("
+[ "${1:-}" = --rerank_only ] && exit 0
 echo
 echo "## accelerate launch --config_file accelerate_config.yaml train.py: DeepSpeed ZeRO-2, Lion 8-bit, 20 steps"
 accelerate launch --config_file accelerate_config.yaml train.py --model .gpu/minilm --optim lion --lion_bits 8 \
