@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bm25s
-import Stemmer
 import ir_measures
 import numpy as np
+import Stemmer
 import torch
 
 # --------------------------------------------------------------------------------------------------------------------

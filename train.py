@@ -52,6 +52,7 @@ from reranker import (
     exit_on_input_error,
     load_split,
     preset_for,
+    ranking,
     read_fields,
     relevance_level,
     scores_from_logits,
@@ -166,8 +167,7 @@ def pairs_from_split(spec, negatives_per_query=None):
         if not positives or query_id not in split.queries:
             continue
         judged = split.qrels[query_id]
-        candidates = sorted(split.run.get(query_id, {}), key=lambda d: -split.run[query_id][d])
-        negatives = [d for d in candidates if judged.get(d, 0) < 1][:negatives_per_query]
+        negatives = [d for d in ranking(split.run.get(query_id, {})) if judged.get(d, 0) < 1][:negatives_per_query]
         query = split.queries[query_id]
         pairs += [(query, split.corpus[d], 1.0) for d in positives]
         pairs += [(query, split.corpus[d], 0.0) for d in negatives]

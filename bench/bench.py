@@ -50,10 +50,10 @@ def training_pairs():
     return train.pairs_from_split(f"{DATA}:train", negatives_per_query=3)
 
 
-def ours_training(model_path, pairs, steps, bf16, tmp):
-    """train.py's path: RerankerTrainer, length-grouped batches padded to 16, fused AdamW."""
+def ours_training(model_path, pairs, steps, bf16, tmp, optim="adamw"):
+    """train.py's path: RerankerTrainer, length-grouped batches padded to 16 -> (pairs/s, padding efficiency)."""
     script_args, args, _ = train.parse_args(
-        ["--model", model_path, "--optim", "adamw", "--max_steps", str(steps), "--warmup_steps", "1",
+        ["--model", model_path, "--optim", *optim.split(), "--max_steps", str(steps), "--warmup_steps", "1",
          "--max_length", str(MAX_LENGTH), "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1000",
          "--output_dir", str(tmp / "ours"), "--bf16", str(bf16), "--disable_tqdm", "true"]
     )  # fmt: skip
@@ -90,7 +90,8 @@ def st_training(model_path, pairs, steps, bf16, tmp):
     )
     args = CrossEncoderTrainingArguments(
         output_dir=str(tmp / "st"), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=2e-5,
-        warmup_steps=1, save_strategy="no", report_to="none", logging_steps=1000, bf16=bf16, use_cpu=True,
+        warmup_steps=1, save_strategy="no", report_to="none", logging_steps=1000, bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )  # fmt: skip
     timer = StepTimer()

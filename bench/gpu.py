@@ -21,9 +21,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import train  # noqa: E402
 from reranker import read_texts, score_pairs, to_inference_dtype  # noqa: E402
-from bench import StepTimer, table  # noqa: E402
+from bench import MAX_LENGTH, ours_training, st_training, table  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak, SXM
 
@@ -60,43 +59,9 @@ def forward_flops(model, tokens):
     return 2 * weights * tokens + 4 * config.num_hidden_layers * tokens**2 * config.hidden_size
 
 
-def train_once(folder, optim, pairs, steps, tmp):
-    script_args, args, _ = train.parse_args(
-        ["--model", str(folder), "--optim", *optim.split(), "--max_steps", str(steps), "--warmup_steps", "1",
-         "--max_length", "256", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1000",
-         "--output_dir", str(tmp / "out"), "--bf16", str(torch.cuda.is_available()), "--disable_tqdm", "true"]
-    )  # fmt: skip
-    model, tokenizer = train.load_model(str(folder))
-    dataset = train.tokenize_pairs(pairs, tokenizer, 256)
-    timer = StepTimer()
-    trainer = train.RerankerTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer],
-        data_collator=train.DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16),
-    )  # fmt: skip
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    tokens = statistics.mean(len(ids) for ids in dataset["input_ids"])
-    return 16 * timer.steps / timer.elapsed, peak, forward_flops(model, tokens)
-
-
-def st_train_once(folder, pairs, steps, tmp):
-    from datasets import Dataset
-    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
-
-    model = CrossEncoder(str(folder), num_labels=1, max_length=256)
-    data = Dataset.from_dict({"query": [q for q, _, _ in pairs], "passage": [p for _, p, _ in pairs],
-                              "label": [y for _, _, y in pairs]})  # fmt: skip
-    args = CrossEncoderTrainingArguments(
-        output_dir=str(tmp / "st"), max_steps=steps, per_device_train_batch_size=16, warmup_steps=1,
-        save_strategy="no", report_to="none", logging_steps=1000, bf16=torch.cuda.is_available(), disable_tqdm=True,
-    )  # fmt: skip
-    timer = StepTimer()
-    CrossEncoderTrainer(model=model, args=args, train_dataset=data, loss=BinaryCrossEntropyLoss(model),
-                        callbacks=[timer]).train()  # fmt: skip
-    return 16 * timer.steps / timer.elapsed
+def mean_tokens(tokenizer, pairs):
+    encoded = tokenizer([q for q, _, _ in pairs], [p for _, p, _ in pairs], truncation=True, max_length=MAX_LENGTH)
+    return statistics.mean(len(ids) for ids in encoded["input_ids"])
 
 
 def main():
@@ -138,8 +103,12 @@ def main():
         if args.rerank_only:
             continue
         # 2. Training with each optimizer: pairs/s, peak memory, MFU (forward + backward = 3 forwards)
+        flops = forward_flops(AutoModelForSequenceClassification.from_config(config), mean_tokens(tokenizer, train_pairs))
         for optim in ("adamw", "lion --lion_bits 32", "lion --lion_bits 8"):
-            rate, peak_gib, flops = train_once(folder, optim, train_pairs, steps, tmp)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            rate, _ = ours_training(str(folder), train_pairs, steps, device == "cuda", tmp, optim)
+            peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
             mfu = 3 * flops * rate / peak_flops
             train_rows.append([model_name, optim.replace(" --lion_bits ", " "), f"{rate:,.0f}", f"{peak_gib:.2f}",
                                f"{mfu:.1%}"])  # fmt: skip
@@ -153,8 +122,8 @@ def main():
     print(table(["model (random init)", "optimizer", "pairs/s", "peak GPU memory (GiB)", "MFU"], train_rows))
 
     folder = tmp / "MiniLM-L12-H384"
-    ours = train_once(folder, "adamw", train_pairs, steps, tmp)[0]
-    theirs = st_train_once(folder, train_pairs, steps, tmp)
+    ours = ours_training(str(folder), train_pairs, steps, device == "cuda", tmp)[0]
+    theirs = st_training(str(folder), train_pairs, steps, device == "cuda", tmp)[0]
     print("\n## MiniLM-L12 training: train.py vs CrossEncoderTrainer (bf16, AdamW, batch 16)\n")
     print(table(["trainer", "pairs/s", "ratio"], [["CrossEncoderTrainer", f"{theirs:,.0f}", "1.00x"],
                                                   ["train.py", f"{ours:,.0f}", f"{ours / theirs:.2f}x"]]))  # fmt: skip
