@@ -100,11 +100,10 @@ for model in $MODELS; do
 done
 
 # The demo's "untrained" row: the same backbone with a fresh (seeded) head, to show what training adds.
-if [ "$DEMO" = 1 ] && [ ! -f "$OUTPUT/runs/untrained/model.safetensors" ]; then
-  "$PYTHON" -c "import sys, train, transformers; transformers.set_seed(42); m, t = train.load_model(sys.argv[1]);
+if [ "$DEMO" = 1 ]; then
+  [ -f "$OUTPUT/runs/untrained/model.safetensors" ] || "$PYTHON" -c "import sys, train, transformers
+transformers.set_seed(42); m, t = train.load_model(sys.argv[1])
 m.save_pretrained(sys.argv[2]); t.save_pretrained(sys.argv[2])" "$MINILM" "$OUTPUT/runs/untrained"
-  RUN_DIRS=("$OUTPUT/runs/untrained" "${RUN_DIRS[@]}")
-elif [ "$DEMO" = 1 ]; then
   RUN_DIRS=("$OUTPUT/runs/untrained" "${RUN_DIRS[@]}")
 fi
 

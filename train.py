@@ -234,7 +234,8 @@ def validation_set(spec, top_k, tokenizer, max_length):
     keys = [(q, d) for q in sorted(split.run) if q in split.qrels for d in split.run[q]]
     pairs = [(split.queries[q], split.corpus[d], float(split.qrels[q].get(d, 0) >= rel)) for q, d in keys]
     dataset = tokenize_pairs(pairs, tokenizer, max_length)
-    order = sorted(range(len(keys)), key=lambda i: len(dataset[i]["input_ids"]))
+    lengths = [len(ids) for ids in dataset["input_ids"]]  # one column read, not one row read per pair
+    order = sorted(range(len(keys)), key=lengths.__getitem__)
     return dataset.select(order), [keys[i] for i in order], split.qrels
 
 

@@ -22,7 +22,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from reranker import read_texts, score_pairs, to_inference_dtype  # noqa: E402
-from bench import MAX_LENGTH, ours_training, st_training, table  # noqa: E402
+from bench import MAX_LENGTH, flops_per_pair, ours_training, st_training, table  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak, SXM
 
@@ -51,12 +51,6 @@ def save_random_model(config, tokenizer, folder):
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-def forward_flops(model, tokens):
-    config = model.config
-    weights = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
-    return 2 * weights * tokens + 4 * config.num_hidden_layers * tokens**2 * config.hidden_size
 
 
 def mean_tokens(tokenizer, pairs):
@@ -103,7 +97,7 @@ def main():
         if args.rerank_only:
             continue
         # 2. Training with each optimizer: pairs/s, peak memory, MFU (forward + backward = 3 forwards)
-        flops = forward_flops(AutoModelForSequenceClassification.from_config(config), mean_tokens(tokenizer, train_pairs))
+        flops = flops_per_pair(AutoModelForSequenceClassification.from_config(config), mean_tokens(tokenizer, train_pairs))
         for optim in ("adamw", "lion --lion_bits 32", "lion --lion_bits 8"):
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
