@@ -31,8 +31,11 @@ import datasets
 import ir_measures
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import SequentialSampler
 from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -43,6 +46,8 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 from transformers.trainer_utils import get_last_checkpoint
 
 from reranker import (
@@ -50,6 +55,7 @@ from reranker import (
     InputError,
     evaluate_run,
     exit_on_input_error,
+    keep_freed_memory,
     load_split,
     preset_for,
     ranking,
@@ -111,6 +117,11 @@ class RerankerTrainingArguments(TrainingArguments):
     train_sampling_strategy: str = field(
         default="group_by_length", metadata={"help": "random, sequential, group_by_length or batch_rebalance."}
     )
+    fast_cpu_dropout: bool = field(
+        default=True,
+        metadata={"help": "On the CPU: dropout from 16 random bits per element (p rounded to 1/65536) and attention "
+                          "dropout without SDPA's float32 fallback; ~1.4x faster steps. No effect on GPUs."},
+    )  # fmt: skip
 
     def __post_init__(self):
         # Map our two names to the Trainer's own, so its optimizer-specific code paths see what runs.
@@ -254,6 +265,65 @@ def rerank_metrics(keys, qrels):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# The CPU fast path. On the CPU, torch draws each dropout mask element from its Mersenne Twister through a Bernoulli
+# (a quarter of a bf16 training step on this project's CPU), and SDPA with attention dropout falls back to a math path
+# in float32. On GPUs neither is slow, and nothing here is used there.
+
+
+class _FastDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p):
+        # One 64-bit draw serves four elements: each is dropped when its 16 bits fall below p * 2^16.
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:n]
+        dropped = round(p * 2**16)
+        mask = (bits.view(x.shape) >= dropped - 2**15).to(x.dtype).mul_(2**16 / (2**16 - dropped))
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+def fast_dropout(x, p, training=True):
+    """F.dropout with p rounded to 1/65536, from a quarter of the generator's draws (CPU tensors)."""
+    return _FastDropout.apply(x, p) if training and p > 0 else x
+
+
+class FastDropout(nn.Dropout):
+    def forward(self, x):
+        return fast_dropout(x, self.p, self.training)
+
+
+def cpu_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA, but training with attention dropout runs the same math in the compute dtype, with fast_dropout."""
+    if not (module.training and dropout > 0) or getattr(module, "is_causal", False):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (query.size(-1) ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # sdpa_mask's: True = attend
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    probs = fast_dropout(scores.softmax(-1), dropout)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("cpu_fast", cpu_attention)
+AttentionMaskInterface.register("cpu_fast", sdpa_mask)
+
+
+def use_cpu_fast_path(model):
+    """Swap the model's dropouts for FastDropout and its attention for cpu_attention (weights and outputs alike)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout:
+                setattr(module, name, FastDropout(child.p))
+    model.set_attn_implementation("cpu_fast")
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Loss and optimizer.
 
 
@@ -286,6 +356,10 @@ class RerankerTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, compute_loss_func=bce_loss, **kwargs)
         self.add_callback(LogOptimizerCallback())
+        if self.args.device.type == "cpu":
+            keep_freed_memory()
+            if self.args.fast_cpu_dropout:
+                use_cpu_fast_path(self.model)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.args.optim in ("lion_8bit", "lion_32bit"):
