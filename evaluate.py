@@ -53,8 +53,9 @@ from reranker import (
     read_qrels,
     read_run,
     read_texts,
+    query_chunks,
     relevance_level,
-    rerank,
+    reranks,
     split_paths,
     to_inference_dtype,
     top_candidates,
@@ -74,7 +75,6 @@ COLUMNS = ["NDCG@10", "MAP", "MRR@10", "R-Prec", "P@10"]  # the table's names fo
 THESIS_DL19_COLUMNS = ["NDCG@10", "MAP", "R-Prec", "P@10"]  # and MRR@10 from the dev set
 ALPHA = 0.05  # significance level of the table's markers
 BASELINE_MARK, FIRST_STAGE_MARK = "*", "†"
-CHUNK_PAIRS = 4096  # pairs scored between two saves of the side file: the most a killed rerank loses
 
 
 @dataclass
@@ -262,17 +262,6 @@ def load_cross_encoder(model, device, dtype=torch.float32):
     return to_inference_dtype(network.to(device), dtype), tokenizer
 
 
-def query_chunks(run):
-    """The run's query ids, sorted, cut into chunks of about CHUNK_PAIRS pairs: the unit saved and shared out."""
-    chunks, pairs = [[]], 0
-    for query_id in sorted(run):
-        if pairs >= CHUNK_PAIRS:
-            chunks, pairs = chunks + [[]], 0
-        chunks[-1].append(query_id)
-        pairs += len(run[query_id])
-    return [chunk for chunk in chunks if chunk]
-
-
 def side_files(stem):
     """The side files of a rerank, one per process: `STEM.scored-RANK.jsonl`."""
     return sorted(glob.glob(glob.escape(stem) + ".scored-*.jsonl"))
@@ -308,13 +297,13 @@ def rerank_resumable(model, tokenizer, split, stem, key, args, state):
     with state.split_between_processes(todo) as mine:
         pairs = sum(len(split.run[query_id]) for i in mine for query_id in chunks[i])
         description = f"{Path(stem).parent.name} {Path(stem).name}"
+        splits = [replace(split, run={query_id: split.run[query_id] for query_id in chunks[i]}) for i in mine]
         with tqdm(total=pairs, unit="pair", desc=description, disable=not state.is_main_process) as progress:
-            for i in mine:
-                candidates = {query_id: split.run[query_id] for query_id in chunks[i]}
-                new[i] = rerank(model, tokenizer, replace(split, run=candidates), args.batch_tokens, args.max_length)
+            for i, run in zip(mine, reranks(model, tokenizer, splits, args.batch_tokens, args.max_length)):
+                new[i] = run
                 with open(f"{stem}.scored-{state.process_index}.jsonl", "a", encoding="utf-8") as side:
-                    side.write("\n" + json.dumps({"key": key, "chunk": i, "run": new[i]}))  # "\n" ends a torn line
-                progress.update(sum(len(scores) for scores in candidates.values()))
+                    side.write("\n" + json.dumps({"key": key, "chunk": i, "run": run}))  # "\n" ends a torn line
+                progress.update(sum(len(scores) for scores in run.values()))
     for part in gather_object([new]):
         scored.update(part)
     return {query_id: scores for i in sorted(scored) for query_id, scores in scored[i].items()}

