@@ -86,7 +86,7 @@ def main():
     print(f"{name}, torch {torch.__version__}\n")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     steps = 4 if args.smoke else 40
-    split = demo_split(*(4, 50) if args.smoke else (43, 1000))
+    split = demo_split(4, 50) if args.smoke else demo_split(43, 1000)
     n_pairs = sum(map(len, split.run.values()))
     train_pairs = [(q, p, float(i % 4 == 0)) for i, (q, p) in enumerate(demo_pairs(16 * (steps + 10)))]
     tmp = Path(tempfile.mkdtemp())
