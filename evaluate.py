@@ -295,9 +295,9 @@ def rerank_resumable(model, tokenizer, split, stem, key, args, state):
     todo = [i for i in range(len(chunks)) if i not in scored]
     new = {}
     with state.split_between_processes(todo) as mine:
-        pairs = sum(len(split.run[query_id]) for i in mine for query_id in chunks[i])
-        description = f"{Path(stem).parent.name} {Path(stem).name}"
         splits = [replace(split, run={query_id: split.run[query_id] for query_id in chunks[i]}) for i in mine]
+        pairs = sum(len(docs) for part in splits for docs in part.run.values())
+        description = f"{Path(stem).parent.name} {Path(stem).name}"
         with tqdm(total=pairs, unit="pair", desc=description, disable=not state.is_main_process) as progress:
             for i, run in zip(mine, reranks(model, tokenizer, splits, args.batch_tokens, args.max_length)):
                 new[i] = run
