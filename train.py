@@ -391,10 +391,10 @@ class RerankerTrainer(Trainer):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def prepare_output_dir(script_args, training_args):
-    """Never overwrite a finished or running experiment unless asked; resuming is asked."""
+def prepare_output_dir(script_args, training_args, resuming=False):
+    """Never overwrite a finished or running experiment unless asked; resuming (from a checkpoint found) is asked."""
     output_dir = Path(training_args.output_dir)
-    if not output_dir.is_dir() or not any(output_dir.iterdir()) or training_args.resume_from_checkpoint:
+    if not output_dir.is_dir() or not any(output_dir.iterdir()) or resuming:
         return
     if not script_args.overwrite_output_dir:
         raise InputError(
@@ -450,8 +450,8 @@ def main(argv=None):
     # 1. Arguments: thesis preset, overridden by explicit flags.
     script_args, training_args, preset = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    prepare_output_dir(script_args, training_args)
     checkpoint = resume_checkpoint(training_args)
+    prepare_output_dir(script_args, training_args, resuming=checkpoint is not None)
     configure_wandb(training_args)
 
     # 2. Model and tokenizer (seeded first: the new classification head is drawn from the RNG).

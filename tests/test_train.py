@@ -392,6 +392,13 @@ def test_a_non_empty_output_dir_is_not_overwritten_unless_asked(minilm, tmp_path
     script_args, training_args, _ = train.parse_args(["--output_dir", str(tmp_path / "out")])
     with pytest.raises(InputError, match="not empty"):
         train.prepare_output_dir(script_args, training_args)
+    # --resume_from_checkpoint false resumes nothing, so it asks for nothing either
+    argv = ["--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", "false"]
+    script_args, training_args, _ = train.parse_args(argv)
+    checkpoint = train.resume_checkpoint(training_args)
+    assert checkpoint is None
+    with pytest.raises(InputError, match="not empty"):
+        train.prepare_output_dir(script_args, training_args, resuming=checkpoint is not None)
     assert (tmp_path / "out" / "model.safetensors").read_text() == "a finished result"
     script_args, training_args, _ = train.parse_args(["--output_dir", str(tmp_path / "out"), "--overwrite_output_dir"])
     train.prepare_output_dir(script_args, training_args)
