@@ -19,7 +19,8 @@ msmarco-passage/trec-dl-2020/judged, msmarco-passage/dev/small with their offici
 
 Writes to --output_dir: `metrics.json` (data spec -> system -> measure -> value, and the p-values), and per data a
 folder with `SYSTEM.trec` (TREC run) and `SYSTEM.per_query.json`. A killed rerank leaves `SYSTEM.scored-RANK.jsonl`
-(the queries already scored); the same command again scores only the rest, and writes the same run file.
+(the queries already scored); the same command again scores only the rest, and writes the same run file. A finished
+evaluation (its metrics.json) is replaced only with --overwrite_output_dir.
 """
 
 import glob
@@ -106,6 +107,10 @@ class EvaluationArguments:
         default=512, metadata={"help": "Tokens per (query, passage) pair; MS MARCO passages fit in 512."}
     )
     output_dir: str = field(default="results/eval", metadata={"help": "Where run files and metrics.json go."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the files of an evaluation finished in output_dir (never replaced otherwise)."},
+    )
     baseline: str | None = field(
         default=None,
         metadata={"help": "System every other is tested against (default: the first model or run). BM25 always is."},
@@ -406,6 +411,9 @@ def main():
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if state.is_main_process else logging.WARNING
     )
+    finished = Path(args.output_dir) / "metrics.json"  # written last: a killed evaluation has none, and resumes
+    if finished.exists() and not args.overwrite_output_dir:
+        raise InputError(f"{finished}: an evaluation is there; pass --overwrite_output_dir, or another --output_dir")
     try:
         chosen_measures = [ir_measures.parse_measure(name) for name in args.metrics]
     except (NameError, ValueError) as error:

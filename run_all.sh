@@ -114,7 +114,8 @@ for dir in "${RUN_DIRS[@]}"; do
   [ "$METRICS" -nt "$dir/model.safetensors" ] || stale=1
 done
 if [ "$stale" = 1 ]; then
-  "${EVALUATE[@]}" --models "${RUN_DIRS[@]}" --data $EVAL_DATA --top_k "$TOP_K" --output_dir "$OUTPUT/eval"
+  "${EVALUATE[@]}" --models "${RUN_DIRS[@]}" --data $EVAL_DATA --top_k "$TOP_K" --output_dir "$OUTPUT/eval" \
+    --overwrite_output_dir  # stale: a model is newer than the evaluation
 else
   echo "== $METRICS: up to date, skipped"
 fi

@@ -420,6 +420,7 @@ BAD_INPUTS = {
     "run with an unknown query": (["--run", "{data}/unknown-query.trec", "--data", "{data}:ok"], ".trec:3: query q7"),
     "not a cross-encoder": (["--models", "{bi_encoder}", "--data", "{data}:ok"], "not a cross-encoder"),
     "model saved without its tokenizer": (["--models", "{no_tokenizer}", "--data", "{data}:ok"], "no tokenizer saved"),
+    "a finished evaluation there": (["--run", "{data}/run.ok.trec", "--data", "{data}:ok"], "an evaluation is there"),
 }
 
 
@@ -440,6 +441,8 @@ def bad_input_results(minilm_folders, tmp_path_factory):
         output_dir.mkdir()
         (output_dir / "metrics.json").write_text("finished\n")
         command = [sys.executable, "evaluate.py", *[a.format(**fields) for a in argv], "--output_dir", str(output_dir)]
+        if case != "a finished evaluation there":  # bad input overwrites nothing even where overwriting is allowed
+            command.append("--overwrite_output_dir")
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         processes[case] = process, output_dir
     results = {}

@@ -1,5 +1,5 @@
 """run_all.sh --demo, shortened by pass-through train.py flags: the same code path ends with a table and figures, and
-a second run skips the finished work."""
+a second run skips the finished work, a third re-evaluates a model that changed."""
 
 import os
 import subprocess
@@ -37,3 +37,10 @@ def test_demo_ends_with_the_table_and_figures_and_a_rerun_skips_finished_work(tm
     after = [m.stat().st_mtime_ns for m in models] + [(output / "eval" / "metrics.json").stat().st_mtime_ns]
     assert before == after
     assert (output / "table.md").read_text() == table
+
+    os.utime(models[0])  # a model newer than the evaluation: evaluated again, replacing the old one
+    third = run_all(output, *short)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "up to date, skipped" not in third.stdout
+    assert (output / "eval" / "metrics.json").stat().st_mtime_ns > before[-1]
+    assert (output / "table.md").read_text() == table  # the same models give the same numbers
