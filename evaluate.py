@@ -24,6 +24,7 @@ evaluation (its metrics.json) is replaced only with --overwrite_output_dir.
 """
 
 import glob
+import hashlib
 import json
 import logging
 import re
@@ -52,9 +53,8 @@ from reranker import (
     load_split,
     query_chunks,
     read_fields,
-    read_qrels,
     read_run,
-    read_texts,
+    read_topics,
     relevance_level,
     reranks,
     split_paths,
@@ -160,8 +160,8 @@ def load_data(spec, top_k, with_candidates=True):
         raise InputError(f"{spec}: unknown data, expected DIR:SPLIT, dl19, dl20, dev-small, irds:<id> or {MSMARCO_V11}")
     if with_candidates:
         return load_split(spec, top_k)
-    paths = split_paths(spec)  # run files need no corpus (../shared/data/trec-dl has none)
-    return Split(read_texts(paths["queries"]), read_qrels(paths["qrels"]), {}, {}, spec)
+    queries, qrels = read_topics(split_paths(spec))  # run files need no corpus (../shared/data/trec-dl has none)
+    return Split(queries, qrels, {}, {}, spec)
 
 
 def load_irds(spec, dataset_id, top_k, with_candidates):
@@ -259,6 +259,13 @@ def check_cross_encoder(model):
         )
 
 
+def fingerprint(model):
+    """What tells one model's weights from another's at the same path: its files' sizes and modification times."""
+    files = sorted(Path(model).glob("*.safetensors")) + sorted(Path(model).glob("*.bin")) + [Path(model, "config.json")]
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    return hashlib.sha1(repr(stats).encode()).hexdigest()[:16] if stats else "hub"
+
+
 def load_cross_encoder(model, device, dtype=torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(model)
     network, loading = AutoModelForSequenceClassification.from_pretrained(model, output_loading_info=True)
@@ -293,7 +300,11 @@ def rerank_resumable(model, tokenizer, split, stem, key, args, state):
     The chunks do not depend on what was saved, so every pair is scored in the same batch as in an unbroken run.
     """
     chunks = query_chunks(split.run)
-    scored = read_scored(stem, key)
+    scored = {  # a chunk saved for other candidates (an edited run file) is scored anew
+        i: run
+        for i, run in read_scored(stem, key).items()
+        if i < len(chunks) and {q: sorted(d) for q, d in run.items()} == {q: sorted(split.run[q]) for q in chunks[i]}
+    }
     if scored:
         logger.info("%s: resuming, %d of %d chunks already scored", stem, len(scored), len(chunks))
     state.wait_for_everyone()  # every process has read the side files before any process appends to them
@@ -423,6 +434,9 @@ def main():
     splits = {spec: load_data(spec, args.top_k, with_candidates=bool(args.models)) for spec in args.data}
 
     # 3. Systems: the given run files, or the first stage and each model (checked now, loaded in 4)
+    folders = [data_folder(spec) for spec in args.data]
+    if len(set(folders)) < len(folders):
+        raise InputError(f"each --data writes to a folder named after it, and these clash: {', '.join(folders)}")
     names = [Path(path).stem for path in args.run] or [Path(model.rstrip("/")).name for model in args.models]
     first_stages = set() if args.run else {first_stage_name(spec) for spec in splits}
     if len(set(names)) < len(names) or first_stages & set(names):
@@ -438,6 +452,13 @@ def main():
             runs[spec] = {name: read_checked_run(path, split) for name, path in zip(names, args.run)}
         else:
             runs[spec][first_stage_name(spec)] = as_written(split.run)
+        for name, run in runs[spec].items():  # (a model's run answers the queries of the first stage's)
+            answered = len(set(run) & set(split.qrels))
+            if not answered:
+                raise InputError(f"{name}: no query of its run is judged in {spec}")
+            if answered < len(split.qrels):
+                logger.warning("%s: answers %d of the %d judged queries of %s; the others count as 0 (trec_eval -c)",
+                               name, answered, len(split.qrels), spec)  # fmt: skip
 
     # 4. Rerank each data's candidates with each model; killed, it resumes from the side files
     output_dir = Path(args.output_dir)
@@ -447,7 +468,8 @@ def main():
         for spec, split in splits.items():
             stem = output_dir / data_folder(spec) / name
             stem.parent.mkdir(parents=True, exist_ok=True)
-            key = f"{model} {spec} top_k={args.top_k} max_length={args.max_length} {dtype} {args.batch_tokens}"
+            settings = f"top_k={args.top_k} max_length={args.max_length} {dtype} {args.batch_tokens}"
+            key = f"{model} {fingerprint(model)} {spec} {settings}"
             logger.info("Reranking %s with %s", spec, model)
             runs[spec][name] = as_written(rerank_resumable(network, tokenizer, split, str(stem), key, args, state))
         del network
@@ -463,8 +485,6 @@ def main():
         metrics[spec], per_query[spec] = {}, {}
         for name, run in runs[spec].items():
             aggregate, per_query[spec][name] = evaluate_run(split.qrels, run, measures)
-            if not per_query[spec][name]:
-                raise InputError(f"{name}: no query of its run is judged in {spec}")
             metrics[spec][name] = {str(m): aggregate[str(m)] for m in measures}  # in the order of the columns
         first_stage = None if args.run else first_stage_name(spec)
         references = [r for r in dict.fromkeys([baseline, first_stage]) if r in runs[spec]]

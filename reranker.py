@@ -7,9 +7,11 @@ A collection split `DIR:SPLIT` is `DIR/corpus.tsv`, `DIR/queries.SPLIT.tsv`, `DI
 
 import ctypes
 import functools
+import math
 import os
 import sys
 import tempfile
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +81,12 @@ def read_fields(path, n_columns, sep="\t", may_be_empty=()):
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as lines:
+    with open(path, "rb") as lines:  # decoded line by line, so a bad byte has a line number
         for line_number, line in enumerate(lines, 1):
-            line = line.rstrip("\r\n")
+            try:
+                line = line.decode("utf-8-sig" if line_number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{line_number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             fields = line.split(sep) if sep else line.split()
@@ -97,8 +102,13 @@ def read_texts(path, keep=None, empty_text=False):
 
     empty_text: a text may be empty (a corpus: Cranfield has two empty abstracts); an id never.
     """
-    fields = read_fields(path, 2, may_be_empty=(1,) if empty_text else ())
-    return {id_: text for _, (id_, text) in fields if keep is None or id_ in keep}
+    texts = {}
+    for line_number, (id_, text) in read_fields(path, 2, may_be_empty=(1,) if empty_text else ()):
+        if keep is None or id_ in keep:
+            if id_ in texts:
+                raise InputError(f"{path}:{line_number}: {id_} appears a second time")
+            texts[id_] = text
+    return texts
 
 
 def read_qrels(path):
@@ -106,9 +116,12 @@ def read_qrels(path):
     qrels = {}
     for line_number, (query_id, _, doc_id, relevance) in read_fields(path, 4, sep=None):
         try:
-            qrels.setdefault(query_id, {})[doc_id] = int(relevance)
+            relevance = int(relevance)
         except ValueError:
             raise InputError(f"{path}:{line_number}: relevance {relevance!r} is not an integer") from None
+        if doc_id in qrels.setdefault(query_id, {}):  # trec_eval refuses these too
+            raise InputError(f"{path}:{line_number}: document {doc_id} judged a second time for query {query_id}")
+        qrels[query_id][doc_id] = relevance
     return qrels
 
 
@@ -117,15 +130,26 @@ def read_run(path):
     run = {}
     for line_number, (query_id, _, doc_id, _, score, _) in read_fields(path, 6, sep=None):
         try:
-            run.setdefault(query_id, {})[doc_id] = float(score)
+            score = float(score)
         except ValueError:
             raise InputError(f"{path}:{line_number}: score {score!r} is not a number") from None
+        if not math.isfinite(score):  # NaN does not sort: the ranking would follow the file's order
+            raise InputError(f"{path}:{line_number}: score {score} is not finite")
+        if doc_id in run.setdefault(query_id, {}):  # trec_eval refuses these too
+            raise InputError(f"{path}:{line_number}: document {doc_id} ranked a second time for query {query_id}")
+        run[query_id][doc_id] = score
     return run
 
 
 def ranking(scores):
-    """Doc ids best first, ties in trec_eval's order (doc id descending), so every tool sees the same ranking."""
-    return sorted(scores, key=lambda doc_id: (scores[doc_id], doc_id), reverse=True)
+    """Doc ids best first, ties in trec_eval's order (doc id descending), so every tool sees the same ranking.
+
+    Scores are compared as trec_eval holds them, in 32-bit floats: 20.000002 and 20.000001 tie there.
+    """
+    doc_ids = list(scores)
+    as_float32 = array("f", scores.values())
+    order = sorted(range(len(doc_ids)), key=lambda i: (as_float32[i], doc_ids[i]), reverse=True)
+    return [doc_ids[i] for i in order]
 
 
 def top_candidates(run, k):
@@ -214,8 +238,7 @@ def load_split(spec, top_k=None, need_qrels_text=False):
     need_qrels_text: every judged document must have text too (training reads positives from the qrels).
     """
     paths = split_paths(spec)
-    queries = read_texts(paths["queries"])
-    qrels = read_qrels(paths["qrels"])
+    queries, qrels = read_topics(paths)
     if paths["run"].is_file():
         run = read_run(paths["run"])
         for query_id in run:
@@ -239,9 +262,22 @@ def load_split(spec, top_k=None, need_qrels_text=False):
     return Split(queries, qrels, run, corpus, spec)
 
 
+def read_topics(paths):
+    """A split's queries and qrels, every judged query one of its queries (it counts, answered or not)."""
+    queries = read_texts(paths["queries"])
+    if not queries:
+        raise InputError(f"{paths['queries']}: no queries")
+    qrels = read_qrels(paths["qrels"])
+    for query_id in qrels:
+        if query_id not in queries:
+            line = _line_of(paths["qrels"], query_id)
+            raise InputError(f"{paths['qrels']}:{line}: query {query_id} not in {paths['queries']}")
+    return queries, qrels
+
+
 def _line_of(path, *tokens):
     """Line number of the first line holding all `tokens` as fields (only used to point at an error)."""
-    with open(path, encoding="utf-8") as lines:
+    with open(path, encoding="utf-8", errors="replace") as lines:
         for line_number, line in enumerate(lines, 1):
             if all(token in line.split() for token in tokens):
                 return line_number
@@ -249,11 +285,13 @@ def _line_of(path, *tokens):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Scoring: score = sigmoid(logit of a one-logit sequence-classification head), as sentence-transformers' CrossEncoder.
+# Scoring: a pair's score is the logit of the one-logit sequence-classification head. Its sigmoid (sentence-transformers'
+# CrossEncoder score, the model's relevance probability) ranks the same, but rounds into ties near 1: a run file's 6
+# decimals tie every logit above ~13.8, and trec_eval's 32-bit floats every one above ~16.6.
 
 
 def scores_from_logits(logits):
-    return torch.sigmoid(torch.as_tensor(logits).float().reshape(-1)).tolist()
+    return torch.as_tensor(logits).float().reshape(-1).tolist()
 
 
 PAD_MULTIPLE = 16  # bf16 matrix units (AMX tiles, tensor cores) work in blocks of 16: padding to it is faster
@@ -358,7 +396,7 @@ def pad_batch(encoded, rows, pad_token_id, padding_side="right"):
 
 @torch.inference_mode()
 def score_encoded(model, tokenizer, encoded, batch_tokens=None):
-    """Cross-encoder scores of encode_pairs' output, in input order, in the model's own dtype.
+    """Cross-encoder scores (logits) of encode_pairs' output, in input order, in the model's own dtype.
 
     batch_tokens: padded tokens per forward pass (default 4096 on a CPU, where that fits the caches; 65536 on a GPU).
     """
@@ -449,7 +487,9 @@ def default_measures(qrels):
 
 
 def evaluate_run(qrels, run, measures=None):
-    """-> ({str(measure): mean}, {query_id: {str(measure): value}}) over the run's judged queries.
+    """-> ({str(measure): mean}, {query_id: {str(measure): value}}) over every judged query: one the run does not
+    answer scores 0 (`trec_eval -c`, and MS MARCO's official MRR@10), so a run cannot gain by leaving out hard queries.
+    Queries without judgments are left out.
 
     Scores are replaced by ranks in trec_eval's tie order first: ir_measures hands some measures (RR@10) to providers
     that break ties differently, and a ranking must have one score.
@@ -460,8 +500,8 @@ def evaluate_run(qrels, run, measures=None):
         for query_id, scores in run.items()
         if query_id in qrels
     }
+    results = ir_measures.calc(measures, qrels, ranked)
     per_query = {}
-    for metric in ir_measures.iter_calc(measures, qrels, ranked):
+    for metric in results.per_query:
         per_query.setdefault(metric.query_id, {})[str(metric.measure)] = metric.value
-    aggregate = {str(m): v for m, v in ir_measures.calc_aggregate(measures, qrels, ranked).items()}
-    return aggregate, per_query
+    return {str(m): v for m, v in results.aggregated.items()}, per_query

