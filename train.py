@@ -48,6 +48,7 @@ from transformers import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
 from reranker import (
@@ -92,6 +93,13 @@ class ScriptArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Delete a non-empty output_dir first (it is never overwritten otherwise)."}
     )
+
+    def __post_init__(self):
+        for name in ("eval_top_k", "max_length", "max_train_pairs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"--{name} must be at least 1")
+        if self.negatives_per_query is not None and self.negatives_per_query < 0:
+            raise InputError("--negatives_per_query must be 0 or more")
 
 
 @dataclass
@@ -155,12 +163,20 @@ def parse_args(argv):
         defaults += ["--eval_strategy", "epoch"]
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         defaults += ["--use_cpu", "true"]  # CPU only: lets --bf16 run (as autocast; fast on CPUs with AMX)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    if deepspeed and torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not {"--fp16", "--bf16"} & {
+        arg.split("=")[0] for arg in argv
+    }:
         defaults += ["--bf16", "true"]  # accelerate_config.yaml: DeepSpeed in bf16 (ds_config.json's "auto")
     try:
         script_args, training_args = parser.parse_args_into_dataclasses(args=defaults + argv)
     except ValueError as error:  # TrainingArguments' own checks of flag combinations
         raise InputError(str(error).splitlines()[0]) from None
+    if training_args.eval_strategy != "no" and not script_args.eval_data:
+        raise InputError(f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data (a DIR:SPLIT)")
+    metric = training_args.metric_for_best_model
+    if metric and metric.removeprefix("eval_") not in ("loss", "mrr@10", "ndcg@10"):
+        raise InputError(f"--metric_for_best_model {metric}: not one of loss, mrr@10, ndcg@10")
     return script_args, training_args, preset
 
 
@@ -219,6 +235,8 @@ def load_pairs(source, max_pairs=None, negatives_per_query=None):
         pairs = pairs_from_split(source, negatives_per_query)
     else:
         raise InputError(f"{source}: not a file, not DIR:SPLIT and not {MSMARCO_HUB}")
+    if not pairs:
+        raise InputError(f"{source}: no training pairs in it")
     return pairs[:max_pairs] if max_pairs else pairs
 
 
@@ -243,6 +261,8 @@ def validation_set(spec, top_k, tokenizer, max_length):
     split = load_split(spec, top_k=top_k)
     rel = relevance_level(split.qrels)
     keys = [(q, d) for q in sorted(split.run) if q in split.qrels for d in split.run[q]]
+    if not keys:
+        raise InputError(f"{spec}: no query with candidates is judged in its qrels")
     pairs = [(split.queries[q], split.corpus[d], float(split.qrels[q].get(d, 0) >= rel)) for q, d in keys]
     dataset = tokenize_pairs(pairs, tokenizer, max_length)
     lengths = [len(ids) for ids in dataset["input_ids"]]  # one column read, not one row read per pair
@@ -328,8 +348,17 @@ def use_cpu_fast_path(model):
 
 
 def bce_loss(outputs, labels, num_items_in_batch=None):
-    """Binary cross-entropy on the one logit (num_labels=1 with float labels would make HF use MSE)."""
-    return F.binary_cross_entropy_with_logits(outputs.logits.float().reshape(-1), labels.float().reshape(-1))
+    """Binary cross-entropy on the one logit (num_labels=1 with float labels would make HF use MSE), averaged over the
+    pairs of the whole optimizer step.
+
+    In training the Trainer passes num_items_in_batch, the pairs of every accumulation step and process, and takes a
+    loss function's result as already averaged over them: a per-batch mean would come out multiplied by the
+    accumulation steps and the process count (loss, gradient norm and clipping alike).
+    """
+    logits, labels = outputs.logits.float().reshape(-1), labels.float().reshape(-1)
+    if num_items_in_batch is None:  # evaluation: one batch
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / num_items_in_batch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -344,6 +373,22 @@ class LogOptimizerCallback(TrainerCallback):
         while hasattr(chain[-1], "optimizer"):
             chain.append(chain[-1].optimizer)
         logger.info("optimizer stepping: %s", " > ".join(type(o).__name__ for o in chain))
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """The Trainer's length-grouped order, drawn from seed + epoch. The Trainer's own draws from the global RNG, which
+    a resume restores only after it has drawn the interrupted epoch's order: pairs would be trained twice or never."""
+
+    def __init__(self, sampler, seed):
+        super().__init__(sampler.batch_size, lengths=sampler.lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):  # the Trainer calls it at every epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 class RerankerTrainer(Trainer):
@@ -372,6 +417,13 @@ class RerankerTrainer(Trainer):
             )
         return super().create_optimizer(model)
 
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler) and sampler.generator is None:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler = EpochSeededLengthGroupedSampler(sampler, seed)
+        return sampler
+
     def _get_eval_sampler(self, eval_dataset):
         # Keep the validation set's order (already sorted by length): rerank_metrics maps predictions back to
         # (query, doc) by position, and group_by_length would shuffle evaluation batches too.
@@ -394,7 +446,8 @@ class RerankerTrainer(Trainer):
 def prepare_output_dir(script_args, training_args, resuming=False):
     """Never overwrite a finished or running experiment unless asked; resuming (from a checkpoint found) is asked."""
     output_dir = Path(training_args.output_dir)
-    if not output_dir.is_dir() or not any(output_dir.iterdir()) or resuming:
+    # A run that failed before its first checkpoint left only its run_config.json: nothing to lose
+    if not output_dir.is_dir() or all(p.name == "run_config.json" for p in output_dir.iterdir()) or resuming:
         return
     if not script_args.overwrite_output_dir:
         raise InputError(
@@ -414,8 +467,8 @@ def resume_checkpoint(training_args):
         if last is None:
             raise InputError(f"{training_args.output_dir}: no checkpoint to resume from")
         return last
-    if not os.path.isdir(value):
-        raise InputError(f"{value}: no such checkpoint folder")
+    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        raise InputError(f"{value}: not a checkpoint folder (no trainer_state.json)")
     return value
 
 
@@ -439,7 +492,7 @@ def load_model(name_or_path):
         if config.model_type == "modernbert":
             config.classifier_pooling = "cls"
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # no such model / not a model transformers knows
         raise InputError(f"{name_or_path}: cannot load model ({str(error).splitlines()[0]})") from None
     return model, tokenizer
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,40 @@ def test_bce_loss_on_two_examples_by_hand():
     outputs = type("Outputs", (), {"logits": torch.tensor([[2.0], [-1.0]])})()
     loss = train.bce_loss(outputs, torch.tensor([1.0, 0.0]))
     assert loss.item() == pytest.approx((math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 2, abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def minilm_without_dropout(minilm, tmp_path_factory):
+    """The packaged MiniLM with a saved one-logit head and no dropout: two forward passes give the same loss."""
+    folder = tmp_path_factory.mktemp("no-dropout")
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(
+        minilm, num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    ).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
+    return folder
+
+
+def test_loss_and_gradient_norm_are_the_means_over_the_step_however_it_is_split(minilm_without_dropout, tmp_path):
+    logged = []
+    for batch, accumulation in [(16, 1), (8, 2), (4, 4)]:  # 16 pairs a step: one batch, or two or four accumulated
+        argv = ["--per_device_train_batch_size", batch, "--gradient_accumulation_steps", accumulation, "--max_steps", 1,
+                "--logging_steps", 1, "--warmup_steps", 0, "--train_sampling_strategy", "sequential",
+                "--save_strategy", "no"]  # fmt: skip
+        trainer = make_trainer(minilm_without_dropout, tmp_path / str(batch), list(map(str, argv)))
+        trainer.train()
+        [entry] = [e for e in trainer.state.log_history if "loss" in e]
+        logged.append((entry["loss"], entry["grad_norm"]))
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_without_dropout).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_without_dropout)
+    dataset = tiny_dataset(tokenizer, (1.0, 0.0) * 8)
+    batch = train.DataCollatorWithPadding(tokenizer)([dataset[i] for i in range(16)])
+    labels = batch.pop("labels")
+    by_hand = torch.nn.functional.binary_cross_entropy_with_logits(model(**batch).logits.reshape(-1), labels).item()
+
+    assert logged[0][0] == pytest.approx(by_hand, rel=1e-4)  # the mean over the 16 pairs, not a multiple of it
+    for loss, grad_norm in logged[1:]:
+        assert loss == pytest.approx(logged[0][0], rel=1e-4) and grad_norm == pytest.approx(logged[0][1], rel=1e-3)
 
 
 def test_a_nan_loss_stops_training_with_a_clear_error(minilm, tmp_path):
@@ -344,6 +379,30 @@ def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill(minilm, tmp_path)
     assert [run[q][d] for q, d in keys] == pytest.approx(predicted.tolist(), abs=1e-5)
 
 
+@needs_data
+def test_resuming_inside_a_later_epoch_trains_the_same_pairs_in_the_same_order(minilm, tmp_path):
+    """Batches grouped by length (the default) are drawn per epoch from the seed, not from the global RNG that a
+    resume restores only after the interrupted epoch's order is drawn."""
+    # 48 pairs: 3 steps an epoch, so checkpoint-4 is inside the second
+    argv = ["--model", minilm, "--optim", "lion", "--train_data", f"{DATA}/msmarco-sample:train",
+            "--negatives_per_query", "1", "--max_train_pairs", "48", "--max_steps", "8", "--warmup_steps", "2",
+            "--max_length", "64", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "4",
+            "--report_to", "none"]  # fmt: skip
+    train.main([*argv, "--output_dir", str(tmp_path / "full")])
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    train.main([*argv, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "true"])
+
+    def losses(folder):
+        return [(e["step"], e["loss"]) for e in json.loads((folder / "trainer_state.json").read_text())["log_history"]
+                if "loss" in e]  # fmt: skip
+
+    assert losses(tmp_path / "resumed")[-4:] == losses(tmp_path / "full")[-4:]
+    expected = load_file(tmp_path / "full" / "model.safetensors")
+    actual = load_file(tmp_path / "resumed" / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Bad input: one line naming the file (and line), exit code 2, no traceback.
 
@@ -384,6 +443,39 @@ def test_bad_input_gets_a_one_line_error_and_exit_code_2(minilm, tmp_path, case)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--eval_strategy", "steps"], "--eval_strategy steps needs --eval_data"),
+        (["--eval_data", "x:y", "--metric_for_best_model", "ndcg"], "ndcg: not one of loss, mrr@10, ndcg@10"),
+        (["--max_length", "0"], "--max_length must be at least 1"),
+        (["--max_train_pairs", "0"], "--max_train_pairs must be at least 1"),
+        (["--negatives_per_query", "-1"], "--negatives_per_query must be 0 or more"),
+    ],
+)
+def test_flags_that_would_fail_late_or_mean_something_else_are_refused_at_once(argv, message):
+    with pytest.raises(InputError, match=message):
+        train.parse_args(argv)
+
+
+def test_bad_training_or_checkpoint_input_is_a_one_line_error(tmp_path):
+    (tmp_path / "triples.tsv").write_text("\n")
+    with pytest.raises(InputError, match="triples.tsv: no training pairs"):
+        train.load_pairs(str(tmp_path / "triples.tsv"))
+    (tmp_path / "not-a-checkpoint").mkdir()
+    _, training_args, _ = train.parse_args(["--resume_from_checkpoint", str(tmp_path / "not-a-checkpoint")])
+    with pytest.raises(InputError, match="not a checkpoint folder"):
+        train.resume_checkpoint(training_args)
+
+
+def test_a_folder_holding_only_the_config_of_a_run_that_failed_at_once_is_free(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run_config.json").write_text("{}")
+    script_args, training_args, _ = train.parse_args(["--output_dir", str(tmp_path / "out")])
+    train.prepare_output_dir(script_args, training_args)  # no error: nothing there to lose
+    assert (tmp_path / "out" / "run_config.json").exists()
 
 
 def test_a_non_empty_output_dir_is_not_overwritten_unless_asked(minilm, tmp_path):
