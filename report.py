@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
 from evaluate import ALPHA, COLUMNS, DEV_SETS, THESIS_DL19_COLUMNS, data_folder, markdown_table, paired_p_value  # noqa: E402
-from reranker import InputError, exit_on_input_error, write_atomic  # noqa: E402
+from reranker import InputError, exit_on_input_error, measures_at, write_atomic  # noqa: E402
 
 OPTIMIZERS = ("adamw", "lion")
 LION_MARK = "‡"
@@ -77,13 +77,24 @@ def seed_averaged(per_query_runs):
 
 
 def measure_columns(metrics):
-    """{table column: ir_measures name} of one data spec's metrics (evaluate.py writes them in COLUMNS order)."""
+    """{table column: ir_measures name} of one data spec's metrics: the table's names for the default set (evaluate.py
+    writes it in COLUMNS order), ir_measures' own for a set chosen with --metrics."""
     measures = [m for m in next(iter(metrics.values())) if not m.startswith("p ")]
-    return dict(zip(COLUMNS, measures)) if len(measures) == len(COLUMNS) else {m: m for m in measures}
+    defaults = [[str(m) for m in measures_at(rel)] for rel in (1, 2)]
+    return dict(zip(COLUMNS, measures)) if measures in defaults else {m: m for m in measures}
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file (written by evaluate.py / train.py)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not complete JSON ({error})") from None
 
 
 def read_per_query(spec, metrics, eval_dir):
-    return {s: json.loads((eval_dir / data_folder(spec) / f"{s}.per_query.json").read_text()) for s in metrics}
+    return {s: read_json(eval_dir / data_folder(spec) / f"{s}.per_query.json") for s in metrics}
 
 
 def config_cell(group, groups, metrics, per_query, measure):
@@ -139,7 +150,7 @@ def training_curves(runs_dir):
     for state_file in sorted(runs_dir.glob("*/trainer_state.json")):
         group = configurations([state_file.parent.name])[0]
         if group.optimizer:
-            history = json.loads(state_file.read_text())["log_history"]
+            history = read_json(state_file).get("log_history", [])
             curves.setdefault(group.backbone, {}).setdefault(group.optimizer, []).append((state_file.parent.name, history))
     return curves
 
@@ -197,7 +208,9 @@ def main(argv=None):
     metrics_file = results / "eval" / "metrics.json"
     if not metrics_file.is_file():
         raise InputError(f"{metrics_file}: no such file (run evaluate.py --output_dir {results / 'eval'} first)")
-    metrics = json.loads(metrics_file.read_text())
+    metrics = read_json(metrics_file)
+    if not metrics or not all(metrics.values()):
+        raise InputError(f"{metrics_file}: no results in it")
     figures_dir = results / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
 
@@ -208,7 +221,8 @@ def main(argv=None):
         sections.append(section)
         figures.append(plot_bars(spec, bars, figures_dir))
     for dev in [d for d in DEV_SETS if "dl19" in metrics and d in metrics]:
-        sections.insert(0, thesis_table(metrics, results / "eval", dev))
+        if set(THESIS_DL19_COLUMNS) <= set(measure_columns(metrics["dl19"])) and "MRR@10" in measure_columns(metrics[dev]):
+            sections.insert(0, thesis_table(metrics, results / "eval", dev))
     seeds_note = ", per-query values averaged over seeds" if "seeds)" in "".join(sections) else ""
     note = f"{LION_MARK} Lion differs from AdamW on the same backbone, p < {ALPHA} (two-sided paired t-test over queries"
     table = "# Results\n\n" + "\n".join(sections) + f"\n{note}{seeds_note}).\n"

@@ -476,7 +476,11 @@ def relevance_level(qrels):
 
 
 def default_measures(qrels):
-    rel = relevance_level(qrels)
+    return measures_at(relevance_level(qrels))
+
+
+def measures_at(rel):
+    """The thesis's measures, binary ones counting relevance >= rel."""
     return [
         ir_measures.nDCG @ 10,
         ir_measures.AP(rel=rel),

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import report
 from evaluate import data_folder
 
@@ -48,3 +50,30 @@ def test_table_shows_mean_and_std_over_seeds_marks_lion_vs_adamw_and_the_thesis_
     figures = {p.name for p in (tmp_path / "figures").glob("*.png")}
     assert figures == {"minilm-loss.png", "minilm-learning_rate.png", "minilm-grad_norm.png",
                        "metrics-dl19.png", "metrics-dev-small.png"}  # no eval loss logged: no eval-loss figure
+
+
+def test_measures_chosen_with_metrics_keep_their_own_names_and_there_is_no_thesis_layout(tmp_path):
+    chosen = ["nDCG@20", "AP", "RR@10", "P@5", "R@100"]  # five, as many as the default set, but not it
+    for spec in ("dl19", "dev-small"):
+        folder = tmp_path / "eval" / data_folder(spec)
+        folder.mkdir(parents=True)
+        (folder / "BM25.per_query.json").write_text(json.dumps({"q1": {m: 0.5 for m in chosen}}))
+    metrics = {spec: {"BM25": {m: 0.5 for m in chosen}} for spec in ("dl19", "dev-small")}
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+
+    report.main(["--results", str(tmp_path)])
+    table = (tmp_path / "table.md").read_text()
+
+    assert "| System | nDCG@20 | AP | RR@10 | P@5 | R@100 |" in table and "NDCG@10" not in table
+    assert "Thesis layout" not in table
+
+
+def test_damaged_results_are_a_one_line_error_naming_the_file(tmp_path, capsys):
+    write_eval(tmp_path, "dl19", {"BM25": {"q1": 0.5}})
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"dl19": {"BM25": {"nDCG@10": 0.5}}}))
+    (tmp_path / "eval" / "dl19" / "BM25.per_query.json").write_text('{"q1": {"nDCG@10"')  # cut short
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--results", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "BM25.per_query.json: not complete JSON" in error
+    assert len(error.strip().splitlines()) == 1
