@@ -221,7 +221,8 @@ def main(argv=None):
         sections.append(section)
         figures.append(plot_bars(spec, bars, figures_dir))
     for dev in [d for d in DEV_SETS if "dl19" in metrics and d in metrics]:
-        if set(THESIS_DL19_COLUMNS) <= set(measure_columns(metrics["dl19"])) and "MRR@10" in measure_columns(metrics[dev]):
+        dl19_columns, dev_columns = measure_columns(metrics["dl19"]), measure_columns(metrics[dev])
+        if set(THESIS_DL19_COLUMNS) <= set(dl19_columns) and "MRR@10" in dev_columns:  # the default measures
             sections.insert(0, thesis_table(metrics, results / "eval", dev))
     seeds_note = ", per-query values averaged over seeds" if "seeds)" in "".join(sections) else ""
     note = f"{LION_MARK} Lion differs from AdamW on the same backbone, p < {ALPHA} (two-sided paired t-test over queries"
