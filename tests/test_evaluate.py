@@ -138,6 +138,17 @@ def test_bad_lines_are_named_by_file_and_line(reader, text, message, tmp_path):
         reader(path)
 
 
+@pytest.mark.parametrize(
+    "queries, qrels, message",
+    [("", "q1 0 d1 1\n", "queries.x.tsv: no queries"), ("q1\ta query\n", "q1 0 d1 1\nq2 0 d1 1\n", ":2: query q2 not in")],
+)
+def test_every_judged_query_must_be_a_query(queries, qrels, message, tmp_path):
+    (tmp_path / "queries.x.tsv").write_text(queries)
+    (tmp_path / "qrels.x.txt").write_text(qrels)  # a judged query without text would count 0 for every system
+    with pytest.raises(reranker.InputError, match=message):
+        reranker.read_topics(reranker.split_paths(f"{tmp_path}:x"))
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_id(tmp_path):
     path = tmp_path / "qrels.txt"
     path.write_bytes("q1 0 d1 1\n".encode("utf-8-sig"))
