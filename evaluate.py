@@ -41,6 +41,7 @@ from accelerate.utils import gather_object
 from scipy import stats
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
+from transformers.utils.hub import cached_file
 
 from reranker import (
     InputError,
@@ -261,9 +262,15 @@ def check_cross_encoder(model):
 
 def fingerprint(model):
     """What tells one model's weights from another's at the same path: its files' sizes and modification times."""
-    files = sorted(Path(model).glob("*.safetensors")) + sorted(Path(model).glob("*.bin")) + [Path(model, "config.json")]
+    folder = Path(model)
+    if not folder.is_dir():  # a hub id: the snapshot check_cross_encoder cached, a folder named after the revision
+        try:
+            folder = Path(cached_file(model, "config.json", local_files_only=True)).parent
+        except OSError:
+            return "unknown"
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
-    return hashlib.sha1(repr(stats).encode()).hexdigest()[:16] if stats else "hub"
+    return hashlib.sha1(f"{folder.name} {stats}".encode()).hexdigest()[:16]
 
 
 def load_cross_encoder(model, device, dtype=torch.float32):

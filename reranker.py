@@ -133,8 +133,8 @@ def read_run(path):
             score = float(score)
         except ValueError:
             raise InputError(f"{path}:{line_number}: score {score!r} is not a number") from None
-        if not math.isfinite(score):  # NaN does not sort: the ranking would follow the file's order
-            raise InputError(f"{path}:{line_number}: score {score} is not finite")
+        if math.isnan(score):  # NaN does not sort: the ranking would follow the file's order
+            raise InputError(f"{path}:{line_number}: score nan ranks nowhere")
         if doc_id in run.setdefault(query_id, {}):  # trec_eval refuses these too
             raise InputError(f"{path}:{line_number}: document {doc_id} ranked a second time for query {query_id}")
         run[query_id][doc_id] = score

@@ -191,7 +191,7 @@ def pairs_from_split(spec, negatives_per_query=None):
     pairs = []
     for query_id in sorted(split.qrels):
         positives = [d for d, r in split.qrels[query_id].items() if r >= rel]
-        if not positives or query_id not in split.queries:
+        if not positives:
             continue
         judged = split.qrels[query_id]
         negatives = [d for d in ranking(split.run.get(query_id, {})) if judged.get(d, 0) < 1][:negatives_per_query]
@@ -356,8 +356,10 @@ def bce_loss(outputs, labels, num_items_in_batch=None):
     accumulation steps and the process count (loss, gradient norm and clipping alike).
     """
     logits, labels = outputs.logits.float().reshape(-1), labels.float().reshape(-1)
-    if num_items_in_batch is None:  # evaluation: one batch
+    if num_items_in_batch is None:  # called outside the Trainer's loops
         return F.binary_cross_entropy_with_logits(logits, labels)
+    if torch.is_tensor(num_items_in_batch):  # under DataParallel one count per GPU, and the Trainer multiplies the
+        num_items_in_batch = num_items_in_batch.sum()  # loss by the GPU count: dividing by their sum undoes it
     return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / num_items_in_batch
 
 
@@ -383,12 +385,23 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         super().__init__(sampler.batch_size, lengths=sampler.lengths, generator=torch.Generator())
         self.seed, self.epoch = seed, 0
 
-    def set_epoch(self, epoch):  # the Trainer calls it at every epoch
+    def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __iter__(self):
         self.generator.manual_seed(self.seed + self.epoch)
         return super().__iter__()
+
+
+class SamplerEpochCallback(TrainerCallback):
+    """Tell the sampler which epoch begins. accelerate's set_epoch does not reach it under several processes once a
+    resume has wrapped the batches to skip (DataLoaderShard > SkipBatchSampler > BatchSamplerShard > ... > sampler)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.set_epoch(math.floor(state.epoch))  # whole epochs done, as restored from a checkpoint
 
 
 class RerankerTrainer(Trainer):
@@ -422,6 +435,8 @@ class RerankerTrainer(Trainer):
         if isinstance(sampler, LengthGroupedSampler) and sampler.generator is None:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             sampler = EpochSeededLengthGroupedSampler(sampler, seed)
+            self.pop_callback(SamplerEpochCallback)
+            self.add_callback(SamplerEpochCallback(sampler))
         return sampler
 
     def _get_eval_sampler(self, eval_dataset):
@@ -446,10 +461,11 @@ class RerankerTrainer(Trainer):
 def prepare_output_dir(script_args, training_args, resuming=False):
     """Never overwrite a finished or running experiment unless asked; resuming (from a checkpoint found) is asked."""
     output_dir = Path(training_args.output_dir)
-    # A run that failed before its first checkpoint left only its run_config.json: nothing to lose
-    if not output_dir.is_dir() or all(p.name == "run_config.json" for p in output_dir.iterdir()) or resuming:
+    if not output_dir.is_dir() or not any(output_dir.iterdir()) or resuming:
         return
     if not script_args.overwrite_output_dir:
+        if get_last_checkpoint(output_dir) is None:  # e.g. a run that failed before its first checkpoint
+            raise InputError(f"{output_dir}: not empty, and no checkpoint to resume from; pass --overwrite_output_dir")
         raise InputError(
             f"{output_dir}: not empty; pass --resume_from_checkpoint true to continue, or --overwrite_output_dir"
         )

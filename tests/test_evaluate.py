@@ -125,7 +125,7 @@ def test_ties_are_judged_in_trec_evals_32_bit_floats():
     "reader, text, message",
     [
         (reranker.read_run, b"q1 Q0 d1 1 2.5 x\nq1 Q0 d2 2 1.5 x\nq1 Q0 d1 3 0.5 x\n", ":3: document d1 ranked a second"),
-        (reranker.read_run, b"q1 Q0 d1 1 nan x\n", ":1: score nan is not finite"),
+        (reranker.read_run, b"q1 Q0 d1 1 nan x\n", ":1: score nan ranks nowhere"),
         (reranker.read_qrels, b"q1 0 d1 1\nq1 0 d1 0\n", ":2: document d1 judged a second time"),
         (reranker.read_texts, b"q1\tone\nq2\ttwo\nq1\tthree\n", ":3: q1 appears a second time"),
         (reranker.read_texts, b"q1\tone\nq2\tcaf\xe9\n", ":2: not UTF-8 text"),  # Latin-1, not UTF-8

@@ -158,8 +158,14 @@ def test_loss_is_binary_cross_entropy_on_the_logit_not_mse(minilm, tmp_path):
 
 def test_bce_loss_on_two_examples_by_hand():
     outputs = type("Outputs", (), {"logits": torch.tensor([[2.0], [-1.0]])})()
-    loss = train.bce_loss(outputs, torch.tensor([1.0, 0.0]))
-    assert loss.item() == pytest.approx((math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 2, abs=1e-7)
+    mean = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 2
+    assert train.bce_loss(outputs, torch.tensor([1.0, 0.0])).item() == pytest.approx(mean, abs=1e-7)
+    # In the Trainer's loop: these 2 pairs of the 8 of an optimizer step add a quarter of the step's mean loss
+    share = train.bce_loss(outputs, torch.tensor([1.0, 0.0]), num_items_in_batch=torch.tensor(8))
+    assert share.item() == pytest.approx(mean / 4, abs=1e-7)
+    # DataParallel on 2 GPUs: one count per GPU, and the Trainer multiplies the loss by 2 afterwards
+    per_gpu = torch.tensor(8).expand(2, 1)
+    assert 2 * train.bce_loss(outputs, torch.tensor([1.0, 0.0]), per_gpu).item() == pytest.approx(mean / 4, abs=1e-7)
 
 
 @pytest.fixture(scope="module")
@@ -380,6 +386,30 @@ def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill(minilm, tmp_path)
     assert torch.sigmoid(logits).tolist() == pytest.approx(predicted.tolist(), abs=1e-5)
 
 
+def test_the_sampler_learns_its_epoch_through_the_wrappers_of_several_processes_and_a_resume(minilm, tmp_path):
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+    from torch.utils.data import DataLoader
+    from transformers import TrainerControl
+
+    trainer = make_trainer(minilm, tmp_path, labels=[1.0, 0.0] * 32)  # 64 pairs, batch 16
+
+    def loader():  # as accelerate prepares it for the first of 2 processes, anew in each process
+        data = DataLoader(list(range(64)), batch_size=4, sampler=trainer._get_train_sampler())
+        return prepare_data_loader(data, num_processes=2, process_index=0, put_on_device=False)
+
+    def run_epoch(dataloader, epoch_so_far, skip=0):  # what Trainer.train does at an epoch's start
+        trainer.state.epoch = epoch_so_far  # whole epochs done, and the fraction of this one (a resume)
+        trainer.callback_handler.on_epoch_begin(trainer.args, trainer.state, TrainerControl())
+        dataloader = skip_first_batches(dataloader, skip) if skip else dataloader
+        dataloader.set_epoch(math.floor(epoch_so_far))  # reaches the sampler only when no batch is skipped
+        return [batch.tolist() for batch in dataloader]
+
+    expected = run_epoch(loader(), 2.0)
+    assert run_epoch(loader(), 2 + 3 / 8, skip=3) == expected[3:]  # killed after 3 batches of the third epoch
+    assert run_epoch(loader(), 1.0) != expected  # another epoch, another order
+    assert len([c for c in trainer.callback_handler.callbacks if isinstance(c, train.SamplerEpochCallback)]) == 1
+
+
 @needs_data
 def test_resuming_inside_a_later_epoch_trains_the_same_pairs_in_the_same_order(minilm, tmp_path):
     """Batches grouped by length (the default) are drawn per epoch from the seed, not from the global RNG that a
@@ -471,11 +501,12 @@ def test_bad_training_or_checkpoint_input_is_a_one_line_error(tmp_path):
         train.resume_checkpoint(training_args)
 
 
-def test_a_folder_holding_only_the_config_of_a_run_that_failed_at_once_is_free(tmp_path):
+def test_a_folder_without_a_checkpoint_is_not_offered_for_resuming(tmp_path):
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "run_config.json").write_text("{}")
+    (tmp_path / "out" / "run_config.json").write_text("{}")  # a run that failed, or is still before its checkpoint
     script_args, training_args, _ = train.parse_args(["--output_dir", str(tmp_path / "out")])
-    train.prepare_output_dir(script_args, training_args)  # no error: nothing there to lose
+    with pytest.raises(InputError, match="no checkpoint to resume from; pass --overwrite_output_dir"):
+        train.prepare_output_dir(script_args, training_args)
     assert (tmp_path / "out" / "run_config.json").exists()
 
 
