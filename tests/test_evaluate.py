@@ -387,6 +387,25 @@ def test_bf16_reranking_keeps_an_fp32_head_so_scores_do_not_tie(minilm_folders):
         assert len(set(fast[q].values())) == len(set(exact[q].values())) == len(exact[q])
 
 
+def killed_at_the_third_chunk(monkeypatch, capsys, *argv):
+    """`python evaluate.py ARGV` killed as it starts scoring its third chunk -> the list that then counts the chunks
+    scored by later runs (score_encoded is called once a chunk)."""
+    calls, real_score = [], reranker.score_encoded
+
+    def score(*arguments, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_score(*arguments, **kwargs)
+
+    monkeypatch.setattr(reranker, "score_encoded", score)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(monkeypatch, capsys, *argv)
+    calls.clear()
+    monkeypatch.setattr(reranker, "score_encoded", lambda *a, **k: calls.append(1) or real_score(*a, **k))
+    return calls
+
+
 def test_interrupted_rerank_resumes_to_a_byte_identical_run_file(minilm_folders, tmp_path, monkeypatch, capsys):
     needs_data("msmarco-sample")
     monkeypatch.setattr(reranker, "CHUNK_PAIRS", 6)  # 20 queries x 2 candidates -> 7 chunks of up to 3 queries
@@ -395,26 +414,13 @@ def test_interrupted_rerank_resumes_to_a_byte_identical_run_file(minilm_folders,
     run_file = Path("msmarco-sample-test-graded") / "minilm-seed0.trec"
     run_main(monkeypatch, capsys, *args, "--output_dir", tmp_path / "whole")
 
-    calls, real_score = [], reranker.score_encoded  # called once a chunk
-
-    def killed_at_the_third_chunk(*arguments, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_score(*arguments, **kwargs)
-
-    monkeypatch.setattr(reranker, "score_encoded", killed_at_the_third_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        run_main(monkeypatch, capsys, *args, "--output_dir", tmp_path / "resumed")
+    calls = killed_at_the_third_chunk(monkeypatch, capsys, *args, "--output_dir", tmp_path / "resumed")
     side_file = tmp_path / "resumed" / "msmarco-sample-test-graded" / "minilm-seed0.scored-0.jsonl"
     assert not (tmp_path / "resumed" / run_file).exists()
     assert len([line for line in side_file.read_text().splitlines() if line]) == 2
     torn = "\n" + side_file.read_text().splitlines()[-1][:100]  # a third chunk whose write the kill cut short
     with open(side_file, "a") as side:
         side.write(torn)
-
-    calls.clear()
-    monkeypatch.setattr(reranker, "score_encoded", lambda *a, **k: calls.append(1) or real_score(*a, **k))
     run_main(monkeypatch, capsys, *args, "--output_dir", tmp_path / "resumed")
 
     assert len(calls) == 5  # only the 5 chunks not saved
@@ -432,20 +438,8 @@ def test_a_rerank_killed_before_its_model_was_retrained_scores_everything_anew(
         shutil.copytree(source, folder)
     args = ["--data", f"{DATA}/msmarco-sample:test-graded", "--top_k", "2", "--max_length", "48"]
     run_main(monkeypatch, capsys, "--models", retrained, *args, "--output_dir", tmp_path / "whole")
-    calls, real_score = [], reranker.score_encoded
-
-    def killed_at_the_third_chunk(*arguments, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_score(*arguments, **kwargs)
-
-    monkeypatch.setattr(reranker, "score_encoded", killed_at_the_third_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        run_main(monkeypatch, capsys, "--models", model, *args, "--output_dir", tmp_path / "out")
+    calls = killed_at_the_third_chunk(monkeypatch, capsys, "--models", model, *args, "--output_dir", tmp_path / "out")
     shutil.copy(retrained / "model.safetensors", model / "model.safetensors")  # the same path, new weights
-    calls.clear()
-    monkeypatch.setattr(reranker, "score_encoded", lambda *a, **k: calls.append(1) or real_score(*a, **k))
     run_main(monkeypatch, capsys, "--models", model, *args, "--output_dir", tmp_path / "out")
 
     assert len(calls) == 7  # the 2 chunks saved with the old weights are not reused
