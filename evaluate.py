@@ -472,11 +472,12 @@ def main():
     for model, name in zip(args.models, names):
         dtype = fast_dtype(state.device) if args.dtype == "auto" else getattr(torch, args.dtype)
         network, tokenizer = load_cross_encoder(model, state.device, dtype)
+        weights = fingerprint(model)
         for spec, split in splits.items():
             stem = output_dir / data_folder(spec) / name
             stem.parent.mkdir(parents=True, exist_ok=True)
             settings = f"top_k={args.top_k} max_length={args.max_length} {dtype} {args.batch_tokens}"
-            key = f"{model} {fingerprint(model)} {spec} {settings}"
+            key = f"{model} {weights} {spec} {settings}"
             logger.info("Reranking %s with %s", spec, model)
             runs[spec][name] = as_written(rerank_resumable(network, tokenizer, split, str(stem), key, args, state))
         del network

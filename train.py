@@ -164,9 +164,8 @@ def parse_args(argv):
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         defaults += ["--use_cpu", "true"]  # CPU only: lets --bf16 run (as autocast; fast on CPUs with AMX)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    if deepspeed and torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not {"--fp16", "--bf16"} & {
-        arg.split("=")[0] for arg in argv
-    }:
+    precision_given = any(arg.split("=")[0] in ("--fp16", "--bf16") for arg in argv)
+    if deepspeed and not precision_given and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         defaults += ["--bf16", "true"]  # accelerate_config.yaml: DeepSpeed in bf16 (ds_config.json's "auto")
     try:
         script_args, training_args = parser.parse_args_into_dataclasses(args=defaults + argv)
