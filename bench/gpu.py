@@ -22,7 +22,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from reranker import Split, encode_pairs, query_chunks, read_texts, reranks, to_inference_dtype  # noqa: E402
+from reranker import Split, encode_pairs, query_chunks, read_texts, reranks, score_encoded  # noqa: E402
+from reranker import to_inference_dtype  # noqa: E402
 from bench import MAX_LENGTH, flops_per_pair, ours_training, st_training, table  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak, SXM
@@ -56,10 +57,21 @@ def demo_split(n_queries, per_query):
     return Split(queries, {}, run, corpus, "demo")
 
 
-def rerank_like_evaluate(model, tokenizer, split):
+def rerank_like_evaluate(model, tokenizer, split, batch_tokens=None):
     """What evaluate.py does to a split, less the side file: chunks of queries through reranks."""
     chunks = [{query_id: split.run[query_id] for query_id in chunk} for chunk in query_chunks(split.run)]
-    return list(reranks(model, tokenizer, [replace(split, run=run) for run in chunks]))
+    return list(reranks(model, tokenizer, [replace(split, run=run) for run in chunks], batch_tokens))
+
+
+def timed(work, *args):
+    """-> (seconds, result) of work(*args), the GPU's queue included."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = work(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
 
 
 def save_random_model(config, tokenizer, folder):
@@ -99,15 +111,17 @@ def main():
         model = AutoModelForSequenceClassification.from_pretrained(folder).to(device)
         model = to_inference_dtype(model, torch.bfloat16)
         rerank_like_evaluate(model, tokenizer, demo_split(2, 1000))  # warm-up: kernels, allocator
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        rerank_like_evaluate(model, tokenizer, split)
-        rate = n_pairs / (time.perf_counter() - start)
-        start = time.perf_counter()
-        encode_pairs(tokenizer, [(split.queries[q], split.corpus[d]) for q in split.run for d in split.run[q]], 512)
-        tokenizing = time.perf_counter() - start
-        rerank_rows.append([model_name, f"{n_pairs}", f"{rate:,.0f}", f"{tokenizing:.1f} s"])
+        rate = n_pairs / timed(rerank_like_evaluate, model, tokenizer, split)[0]
+        # Where the time goes: the tokenizer alone, and the model alone on pairs tokenized beforehand
+        pairs = [(split.queries[q], split.corpus[d]) for q in split.run for d in split.run[q]]
+        tokenizing, encoded = timed(encode_pairs, tokenizer, pairs, 512)
+        scoring = timed(score_encoded, model, tokenizer, encoded)[0]
+        rerank_rows.append([model_name, "default", f"{n_pairs}", f"{rate:,.0f}", f"{tokenizing:.2f} s",
+                            f"{scoring:.2f} s ({n_pairs / scoring:,.0f} pairs/s)"])  # fmt: skip
+        if model_name.startswith("MiniLM") and not args.smoke:  # is the default token budget the best one?
+            for batch_tokens in (16384, 32768, 131072):
+                rate = n_pairs / timed(rerank_like_evaluate, model, tokenizer, split, batch_tokens)[0]
+                rerank_rows.append([model_name, f"{batch_tokens}", f"{n_pairs}", f"{rate:,.0f}", "", ""])
         del model
         if args.rerank_only:
             continue
@@ -124,7 +138,8 @@ def main():
             if device == "cuda":
                 torch.cuda.empty_cache()
     print("## Reranking as evaluate.py does, bf16 (fp32 head), token-budget batches, tokenizing ahead\n")
-    print(table(["model (random init)", "pairs", "pairs/s", "tokenizing alone"], rerank_rows))
+    print(table(["model (random init)", "batch tokens", "pairs", "pairs/s", "tokenizing alone", "model alone"],
+                rerank_rows))  # fmt: skip
     if args.rerank_only:
         return
     print("\n## Training, bf16 autocast, batch 16, max length 256\n")
