@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -52,7 +51,9 @@ from reranker import (
     fast_dtype,
     format_run,
     load_split,
+    one_line,
     query_chunks,
+    quiet_downloads,
     read_fields,
     read_run,
     read_topics,
@@ -130,21 +131,6 @@ class EvaluationArguments:
             raise InputError("--top_k, --batch_tokens and --max_length must be positive")
 
 
-def one_line(error):
-    """The gist of a library's exception, on one line."""
-    return " ".join(str(error.args[0] if error.args else type(error).__name__).split())
-
-
-@contextmanager
-def quiet_downloads():
-    """Libraries' download chatter off (retries, mirrors tried): offline, the error is our one line."""
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Data: every SPEC becomes a reranker.Split (queries, qrels, first-stage run, corpus).
 
@@ -155,7 +141,7 @@ def load_data(spec, top_k, with_candidates=True):
         with quiet_downloads():
             return load_msmarco_v11(top_k)
     if spec in IRDS_NAMES or spec.startswith("irds:"):
-        with quiet_downloads():
+        with quiet_downloads(all_warnings=True):
             return load_irds(spec, IRDS_NAMES.get(spec, spec.removeprefix("irds:")), top_k, with_candidates)
     if ":" not in spec:
         raise InputError(f"{spec}: unknown data, expected DIR:SPLIT, dl19, dl20, dev-small, irds:<id> or {MSMARCO_V11}")

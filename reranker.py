@@ -7,12 +7,14 @@ A collection split `DIR:SPLIT` is `DIR/corpus.tsv`, `DIR/queries.SPLIT.tsv`, `DI
 
 import ctypes
 import functools
+import logging
 import math
 import os
 import sys
 import tempfile
 from array import array
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +60,27 @@ def preset_for(model: str) -> Preset:
 
 class InputError(Exception):
     """Bad user input. Scripts print it as one line and exit with code 2."""
+
+
+def one_line(error):
+    """The gist of a library's exception, on one line."""
+    return " ".join(str(error.args[0] if error.args else type(error).__name__).split())
+
+
+@contextmanager
+def quiet_downloads(all_warnings=False):
+    """The hub client's retries off: offline, the error is our one line. Other warnings (a model's missing weights)
+    still show, unless all_warnings (ir_datasets logs each mirror it tries through loggers of its own)."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    if all_warnings:
+        logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
+        logging.disable(logging.NOTSET)
 
 
 def exit_on_input_error(main):

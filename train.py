@@ -58,7 +58,9 @@ from reranker import (
     exit_on_input_error,
     keep_freed_memory,
     load_split,
+    one_line,
     preset_for,
+    quiet_downloads,
     ranking,
     read_fields,
     relevance_level,
@@ -139,7 +141,7 @@ class RerankerTrainingArguments(TrainingArguments):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Arguments: the preset's values go in front of the user's flags, so an explicit flag (parsed later) always wins.
+# Arguments: the preset's values become the parser's defaults, so --help shows them and an explicit flag wins.
 
 
 def bad_flag(message):
@@ -149,26 +151,26 @@ def bad_flag(message):
 def parse_args(argv):
     parser = HfArgumentParser((ScriptArguments, RerankerTrainingArguments))
     parser.error = bad_flag
-    first, _ = parser.parse_known_args(argv)  # only to find the preset (and --help)
+    first, _ = parser.parse_known_args([arg for arg in argv if arg not in ("-h", "--help")])  # to find the preset
     preset = preset_for(first.model)
     run_name = f"{Path(first.model).name}-{first.optim}"
-    defaults = [
-        "--learning_rate", str(preset.learning_rate),
-        "--lr_scheduler_type", preset.lr_scheduler_type,
-        "--max_length", str(preset.max_length),
-        "--output_dir", f"runs/{run_name}",
-        "--run_name", run_name,
-    ]  # fmt: skip
+    defaults = {
+        "learning_rate": preset.learning_rate,
+        "lr_scheduler_type": preset.lr_scheduler_type,
+        "max_length": preset.max_length,
+        "output_dir": f"runs/{run_name}",
+        "run_name": run_name,
+    }
     if first.eval_data:
-        defaults += ["--eval_strategy", "epoch"]
+        defaults["eval_strategy"] = "epoch"
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
-        defaults += ["--use_cpu", "true"]  # CPU only: lets --bf16 run (as autocast; fast on CPUs with AMX)
+        defaults["use_cpu"] = True  # CPU only: lets --bf16 run (as autocast; fast on CPUs with AMX)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    precision_given = any(arg.split("=")[0] in ("--fp16", "--bf16") for arg in argv)
-    if deepspeed and not precision_given and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        defaults += ["--bf16", "true"]  # accelerate_config.yaml: DeepSpeed in bf16 (ds_config.json's "auto")
+    if deepspeed and torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not first.fp16:
+        defaults["bf16"] = True  # accelerate_config.yaml: DeepSpeed in bf16 (ds_config.json's "auto")
+    parser.set_defaults(**defaults)
     try:
-        script_args, training_args = parser.parse_args_into_dataclasses(args=defaults + argv)
+        script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # TrainingArguments' own checks of flag combinations
         raise InputError(str(error).splitlines()[0]) from None
     if training_args.eval_strategy != "no" and not script_args.eval_data:
@@ -211,11 +213,15 @@ def pairs_from_triples(path):
 
 def pairs_from_hub(max_pairs=None):
     """The thesis's data: sentence-transformers/msmarco triplets of ids, with the texts of its corpus and queries."""
-    triplets = datasets.load_dataset(MSMARCO_HUB, "triplets", split="train")
+    try:
+        with quiet_downloads():
+            triplets = datasets.load_dataset(MSMARCO_HUB, "triplets", split="train")
+            corpus = datasets.load_dataset(MSMARCO_HUB, "corpus", split="train")
+            queries = datasets.load_dataset(MSMARCO_HUB, "queries", split="train")
+    except OSError as error:  # offline: ConnectionError
+        raise InputError(f"{MSMARCO_HUB}: cannot load it from the hub: {one_line(error)}") from None
     if max_pairs:
         triplets = triplets.select(range(min(len(triplets), math.ceil(max_pairs / 2))))
-    corpus = datasets.load_dataset(MSMARCO_HUB, "corpus", split="train")
-    queries = datasets.load_dataset(MSMARCO_HUB, "queries", split="train")
     passage = dict(zip(corpus["passage_id"], corpus["passage"]))
     query = dict(zip(queries["query_id"], queries["query"]))
     pairs = []
@@ -502,13 +508,14 @@ def configure_wandb(training_args):
 def load_model(name_or_path):
     """A one-logit sequence-classification head on the backbone's [CLS] token (thesis section 4)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
-        if config.model_type == "modernbert":
-            config.classifier_pooling = "cls"
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config)
+        with quiet_downloads():
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
+            if config.model_type == "modernbert":
+                config.classifier_pooling = "cls"
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config)
     except (OSError, ValueError) as error:  # no such model / not a model transformers knows
-        raise InputError(f"{name_or_path}: cannot load model ({str(error).splitlines()[0]})") from None
+        raise InputError(f"{name_or_path}: cannot load model ({one_line(error)})") from None
     return model, tokenizer
 
 

@@ -459,6 +459,8 @@ def bad_input_cases(tmp_path):
         "no positives": (["--train_data", write_split(tmp_path / "d", qrels="q1 0 d1 0\n")],
                          "no query has a relevant document"),
         "triples with two columns": (["--train_data", str(tmp_path / "triples.tsv")], "triples.tsv:2: expected 3"),
+        "hub data out of reach": (["--train_data", "sentence-transformers/msmarco"],
+                                  "sentence-transformers/msmarco: cannot load it from the hub"),
     }  # fmt: skip
 
 
@@ -468,7 +470,8 @@ def test_bad_input_gets_a_one_line_error_and_exit_code_2(minilm, tmp_path, case)
     argv, message = bad_input_cases(tmp_path)[case]
     result = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--model", minilm, "--output_dir", str(tmp_path / "out"), *argv],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+        cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
