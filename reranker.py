@@ -80,7 +80,8 @@ def quiet_downloads(all_warnings=False):
         yield
     finally:
         hub.setLevel(level)
-        logging.disable(logging.NOTSET)
+        if all_warnings:
+            logging.disable(logging.NOTSET)
 
 
 def exit_on_input_error(main):
