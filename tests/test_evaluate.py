@@ -121,6 +121,29 @@ def test_ties_are_judged_in_trec_evals_32_bit_floats():
     assert ours["RR@10"] == 0.5
 
 
+def test_run_files_list_each_query_best_first_with_ranks_in_trec_evals_tie_order():
+    run = {"q2": {"a": 0.5, "c": 2.25, "b": 0.5}, "q10": {"x": -1.0, "y": 3.1234567}}
+
+    text = reranker.format_run(run, "tag")
+
+    assert text == (  # queries sorted as strings; the tie a/b goes to the larger doc id; 6 decimals
+        "q10 Q0 y 1 3.123457 tag\n"
+        "q10 Q0 x 2 -1.000000 tag\n"
+        "q2 Q0 c 1 2.250000 tag\n"
+        "q2 Q0 b 2 0.500000 tag\n"
+        "q2 Q0 a 3 0.500000 tag\n"
+    )
+
+
+def test_infinite_scores_are_read_as_trec_eval_reads_them(tmp_path):
+    (tmp_path / "run.trec").write_text("q1 Q0 d1 1 inf x\nq1 Q0 d2 2 0.5 x\nq1 Q0 d3 3 -inf x\n")
+
+    run = reranker.read_run(tmp_path / "run.trec")
+
+    assert run == {"q1": {"d1": math.inf, "d2": 0.5, "d3": -math.inf}}
+    assert reranker.ranking(run["q1"]) == ["d1", "d2", "d3"]
+
+
 @pytest.mark.parametrize(
     "reader, text, message",
     [

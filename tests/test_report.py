@@ -8,30 +8,39 @@ import report
 from evaluate import data_folder
 
 
-def write_eval(results, spec, per_query):
-    """An evaluate.py output for `spec`: per-query values {system: {query: value}} of the five default measures."""
-    measures = ["nDCG@10", "AP(rel=2)", "RR(rel=2)@10", "Rprec(rel=2)", "P(rel=2)@10"]
+MEASURES = ["nDCG@10", "AP(rel=2)", "RR(rel=2)@10", "Rprec(rel=2)", "P(rel=2)@10"]  # evaluate.py's default set
+
+
+def write_eval(results, spec, per_query, offset=0.0):
+    """An evaluate.py output for `spec` from per-query values {system: {query: value}}: measure i of the five defaults
+    gets value + offset + 0.01 i, so every column and data set has numbers of its own."""
     folder = results / "eval" / data_folder(spec)
     folder.mkdir(parents=True, exist_ok=True)
     metrics = {}
     for system, values in per_query.items():
-        (folder / f"{system}.per_query.json").write_text(
-            json.dumps({q: {m: v for m in measures} for q, v in values.items()})
-        )
-        metrics[system] = {m: sum(values.values()) / len(values) for m in measures}
+        rows = {q: {m: v + offset + 0.01 * i for i, m in enumerate(MEASURES)} for q, v in values.items()}
+        (folder / f"{system}.per_query.json").write_text(json.dumps(rows))
+        metrics[system] = {m: sum(row[m] for row in rows.values()) / len(rows) for m in MEASURES}
     return metrics
 
 
 def test_table_shows_mean_and_std_over_seeds_marks_lion_vs_adamw_and_the_thesis_layout(tmp_path, capsys):
-    queries = [f"q{i}" for i in range(8)]
-    adamw = {q: 0.5 for q in queries}
-    lion = {q: 0.5 + 0.1 + 0.01 * i for i, q in enumerate(queries)}  # consistently better: significant
+    queries = range(8)
     per_query = {
-        "BM25": {q: 0.3 for q in queries},
-        "minilm-adamw-seed1": adamw, "minilm-adamw-seed2": {q: 0.7 for q in queries},
-        "minilm-lion-seed1": lion, "minilm-lion-seed2": {q: v + 0.2 for q, v in lion.items()},
-    }  # fmt: skip
-    metrics = {spec: write_eval(tmp_path, spec, per_query) for spec in ("dl19", "dev-small")}
+        "BM25": {f"q{i}": 0.3 for i in queries},
+        # MiniLM: Lion better on every query once seeds are averaged (0.60 + 0.01 i against 0.60): p = 0.005
+        "minilm-adamw-seed1": {f"q{i}": 0.5 for i in queries},
+        "minilm-adamw-seed2": {f"q{i}": 0.7 for i in queries},
+        "minilm-lion-seed1": {f"q{i}": 0.55 + 0.01 * i for i in queries},
+        "minilm-lion-seed2": {f"q{i}": 0.65 + 0.01 * i for i in queries},
+        # GTE: Lion's first seed beats AdamW on every query, its second loses as much: averaged, 0.5 +- 0.01
+        # against 0.5, p = 1, no mark (a test of the first seed alone would mark it)
+        "gte-adamw-seed1": {f"q{i}": 0.5 for i in queries},
+        "gte-adamw-seed2": {f"q{i}": 0.5 for i in queries},
+        "gte-lion-seed1": {f"q{i}": 0.6 + 0.01 * i for i in queries},
+        "gte-lion-seed2": {f"q{i}": 0.4 - 0.01 * i + (0.02 if i % 2 == 0 else -0.02) for i in queries},
+    }
+    metrics = {spec: write_eval(tmp_path, spec, per_query, offset) for spec, offset in (("dl19", 0), ("dev-small", 0.1))}
     (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
     for run, optimizer in (("minilm-adamw-seed1", "adamw"), ("minilm-lion-seed1", "lion")):
         (tmp_path / "runs" / run).mkdir(parents=True)
@@ -41,12 +50,26 @@ def test_table_shows_mean_and_std_over_seeds_marks_lion_vs_adamw_and_the_thesis_
     report.main(["--results", str(tmp_path)])
     table = (tmp_path / "table.md").read_text()
     assert table in capsys.readouterr().out
-    # adamw seeds: 0.5 and 0.7 -> 0.6000 ± 0.1414; lion: 0.635 and 0.835 -> 0.7350 ± 0.1414, marked
-    assert "| minilm-adamw (2 seeds) | 0.6000 ± 0.1414 | 0.6000 ± 0.1414 |" in table
-    assert "| minilm-lion (2 seeds) | 0.7350 ± 0.1414‡ |" in table
-    assert "| BM25 | 0.3000 | 0.3000 |" in table
-    assert "## Thesis layout (Table 5.1): TREC DL 2019 and dev-small" in table
-    assert "| System | NDCG@10 (DL19) | MAP (DL19) | R-Prec (DL19) | P@10 (DL19) | MRR@10 (dev-small) |" in table
+    dl19 = table[table.index("## dl19") : table.index("## dev-small")]
+    dev = table[table.index("## dev-small") :]
+    thesis = table[table.index("## Thesis layout") : table.index("## dl19")]
+    # Columns NDCG@10, MAP, MRR@10, R-Prec, P@10 = measures 0-4. AdamW seeds 0.5 and 0.7: 0.6 +- 0.1414 (sample std);
+    # Lion seeds 0.585 and 0.685: 0.635 +- 0.0707; GTE Lion 0.635 and 0.365: 0.5 +- 0.1909.
+    assert "| BM25 | 0.3000 | 0.3100 | 0.3200 | 0.3300 | 0.3400 |" in dl19
+    assert "| minilm-adamw (2 seeds) | 0.6000 ± 0.1414 | 0.6100 ± 0.1414 | 0.6200 ± 0.1414 |" in dl19
+    assert "| minilm-lion (2 seeds) | 0.6350 ± 0.0707‡ | 0.6450 ± 0.0707‡ | 0.6550 ± 0.0707‡ |" in dl19
+    assert "| gte-adamw (2 seeds) | 0.5000 ± 0.0000 | 0.5100 ± 0.0000 |" in dl19
+    assert "| gte-lion (2 seeds) | 0.5000 ± 0.1909 | 0.5100 ± 0.1909 | 0.5200 ± 0.1909 | 0.5300 ± 0.1909 |" in dl19
+    assert "| BM25 | 0.4000 | 0.4100 | 0.4200 | 0.4300 | 0.4400 |" in dev
+    assert "| minilm-lion (2 seeds) | 0.7350 ± 0.0707‡ |" in dev
+    # The thesis layout: NDCG@10, MAP, R-Prec, P@10 of dl19 (measures 0, 1, 3, 4) and MRR@10 of dev-small (2)
+    assert "| System | NDCG@10 (DL19) | MAP (DL19) | R-Prec (DL19) | P@10 (DL19) | MRR@10 (dev-small) |" in thesis
+    assert "| BM25 | 0.3000 | 0.3100 | 0.3300 | 0.3400 | 0.4200 |" in thesis
+    assert "| minilm-adamw (2 seeds) | 0.6000 ± 0.1414 | 0.6100 ± 0.1414 | 0.6300 ± 0.1414 | 0.6400 ± 0.1414 | 0.7200 ± 0.1414 |" in thesis
+    assert "| gte-lion (2 seeds) | 0.5000 ± 0.1909 | 0.5100 ± 0.1909 | 0.5300 ± 0.1909 | 0.5400 ± 0.1909 | 0.6200 ± 0.1909 |" in thesis
+    # The bar chart's values: means over seeds
+    _, bars = report.data_table("dl19", metrics["dl19"], tmp_path / "eval")
+    assert bars["minilm-adamw"]["NDCG@10"] == pytest.approx(0.6) and bars["gte-lion"]["P@10"] == pytest.approx(0.54)
     figures = {p.name for p in (tmp_path / "figures").glob("*.png")}
     assert figures == {"minilm-loss.png", "minilm-learning_rate.png", "minilm-grad_norm.png",
                        "metrics-dl19.png", "metrics-dev-small.png"}  # no eval loss logged: no eval-loss figure

@@ -96,7 +96,8 @@ def test_optimizer_state_bytes_per_parameter(minilm, tmp_path, argv, max_bytes, 
 @pytest.mark.parametrize(
     "argv, expected_class, betas, eps",
     [(["--optim", "lion"], "Lion8bit", (0.9, 0.99), None), (["--optim", "lion", "--lion_bits", "32"], "Lion32bit",
-      (0.9, 0.99), None), (["--optim", "adamw"], "AdamW", (0.9, 0.999), 1e-8)],
+      (0.9, 0.99), None), (["--optim", "adamw"], "AdamW", (0.9, 0.999), 1e-8),
+     (["--optim", "lion", "--lion_beta1", "0.95", "--lion_beta2", "0.98"], "Lion8bit", (0.95, 0.98), None)],
 )  # fmt: skip
 def test_the_trainer_steps_the_requested_optimizer_with_thesis_settings(
     minilm, tmp_path, argv, expected_class, betas, eps
@@ -350,6 +351,10 @@ def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill(minilm, tmp_path)
     logged = [e for e in state["log_history"] if "loss" in e]
     assert [e["step"] for e in logged] == [5, 10, 15, 20, 25, 30]
     assert all({"learning_rate", "grad_norm"} <= e.keys() for e in logged)
+    config = json.loads((full / "run_config.json").read_text())  # what ran: the preset (MiniLM's) and the flags
+    assert (config["training"]["learning_rate"], config["training"]["lr_scheduler_type"]) == (2e-5, "constant_with_warmup")
+    assert (config["training"]["optim"], config["training"]["seed"]) == ("lion_8bit", 7)
+    assert config["script"]["max_length"] == 128
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(
@@ -444,6 +449,24 @@ def write_split(directory, corpus="d1\tfirst passage\nd2\tsecond passage\n", que
     for name, text in [("corpus.tsv", corpus), ("queries.x.tsv", queries), ("qrels.x.txt", qrels), ("run.x.trec", run)]:
         (directory / name).write_text(text)
     return f"{directory}:x"
+
+
+def test_training_pairs_label_positives_1_and_take_the_best_ranked_unjudged_or_non_relevant_negatives(tmp_path):
+    (tmp_path / "triples.tsv").write_text("a query\tits positive\tits negative\n")
+    assert train.load_pairs(str(tmp_path / "triples.tsv")) == [
+        ("a query", "its positive", 1.0), ("a query", "its negative", 0.0)
+    ]  # fmt: skip
+    # Graded qrels (relevant from grade 2): p3 is the positive; p1 (grade 1) is neither a positive nor a negative;
+    # negatives follow the run's ranking: p2 (unjudged), then p4 (judged 0), then p5.
+    corpus = "".join(f"p{i}\tpassage {i}\n" for i in range(1, 6))
+    run = "".join(f"q1 Q0 p{i} {rank} {10 - rank} bm25\n" for rank, i in enumerate([1, 2, 3, 4, 5], 1))
+    spec = write_split(tmp_path / "graded", corpus=corpus, qrels="q1 0 p3 3\nq1 0 p1 1\nq1 0 p4 0\n", run=run)
+    query = "a question"
+    assert train.load_pairs(spec, negatives_per_query=2) == [
+        (query, "passage 3", 1.0), (query, "passage 2", 0.0), (query, "passage 4", 0.0)
+    ]  # fmt: skip
+    assert len(train.load_pairs(spec)) == 1 + 3  # all negatives: p2, p4, p5
+    assert train.load_pairs(spec, max_pairs=2) == [(query, "passage 3", 1.0), (query, "passage 2", 0.0)]
 
 
 def bad_input_cases(tmp_path):
