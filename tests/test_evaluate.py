@@ -211,6 +211,34 @@ def test_holm_corrected_p_values_appear_only_with_more_than_two_systems():
     assert corrected == pytest.approx(evaluate.holm(raw))  # one family: every comparison of the measure
 
 
+def test_a_mark_needs_the_holm_corrected_p_value_below_alpha_where_there_is_one():
+    values = {"m": 0.5, "p vs A": {"m": 0.03}, "p (Holm) vs A": {"m": 0.06}}
+    assert evaluate.cell(values, "m", [("*", "A")]) == "0.5000"  # raw p 0.03, corrected 0.06: not significant
+    del values["p (Holm) vs A"]
+    assert evaluate.cell(values, "m", [("*", "A")]) == "0.5000*"  # two systems: no correction
+
+
+def test_marks_show_the_systems_that_differ_from_the_chosen_baseline(tmp_path, monkeypatch, capsys):
+    (tmp_path / "queries.x.tsv").write_text("".join(f"q{i}\tquestion {i}\n" for i in range(1, 7)))
+    (tmp_path / "qrels.x.txt").write_text("".join(f"q{i} 0 r 1\n" for i in range(1, 7)))
+    ranks = {"good": [1, 1, 1, 1, 1, 2], "mid": [2, 1, 1, 1, 1, 2], "bad": [3, 3, 3, 4, 4, 4]}  # of r, per query
+    for name, system_ranks in ranks.items():
+        lines = [f"q{i} Q0 {d} 0 {10 - k} x\n" for i, rank in enumerate(system_ranks, 1)
+                 for k, d in enumerate(["x1", "x2", "x3"][: rank - 1] + ["r"])]  # fmt: skip
+        (tmp_path / f"{name}.trec").write_text("".join(lines))
+    runs = [tmp_path / f"{name}.trec" for name in ranks]
+    # RR@10 per query: good 1 1 1 1 1 1/2 (mean 0.9167), mid 1/2 1 1 1 1 1/2 (0.8333), bad 1/3 x3, 1/4 x3 (0.2917).
+    # Paired t-tests: bad-good t = -8.1 (p = 0.0005), mid-good t = -1.0 (p = 0.36), mid-bad t = 5.1 (p = 0.004);
+    # Holm over each table's two comparisons doubles the smaller p: all stay on their side of 0.05.
+    argv = ["--run", *runs, "--data", f"{tmp_path}:x", "--metrics", "RR@10"]
+    out = run_main(monkeypatch, capsys, *argv, "--output_dir", tmp_path / "first")  # baseline: the first, good
+    assert "| good | 0.9167 |" in out and "| mid | 0.8333 |" in out and "| bad | 0.2917* |" in out
+    assert "* p < 0.05 against good" in out
+    out = run_main(monkeypatch, capsys, *argv, "--baseline", "bad", "--output_dir", tmp_path / "bad")
+    assert "| good | 0.9167* |" in out and "| mid | 0.8333* |" in out and "| bad | 0.2917 |" in out
+    assert "* p < 0.05 against bad" in out
+
+
 def test_thesis_layout_takes_four_columns_from_dl19_and_mrr_from_the_dev_set():
     dl19_measures = ["nDCG@10", "AP(rel=2)", "RR(rel=2)@10", "Rprec(rel=2)", "P(rel=2)@10"]
     metrics = {
