@@ -310,6 +310,24 @@ def test_run_mode_matches_trec_eval_with_relevance_level_2_on_trec_dl(split, tmp
 # BM25 first stage.
 
 
+def test_msmarco_v11_validation_ranks_each_querys_given_passages_in_their_given_order(monkeypatch):
+    rows = [
+        {"query_id": 5, "query": "what is a", "passages": {"passage_text": ["p0", "p1", "p2"], "is_selected": [0, 1, 0]}},
+        {"query_id": 6, "query": "no answer", "passages": {"passage_text": ["x"], "is_selected": [0]}},
+    ]
+    calls = []
+    monkeypatch.setattr(evaluate.datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or rows)
+
+    split = evaluate.load_data("msmarco-v1.1-val", top_k=2)
+
+    assert calls == [(("microsoft/ms_marco", "v1.1"), {"split": "validation"})]
+    assert split.queries == {"5": "what is a"}  # query 6 has no selected passage: left out, as MS MARCO's eval does
+    assert split.qrels == {"5": {"5-0": 0, "5-1": 1, "5-2": 0}}
+    assert split.run == {"5": {"5-0": 3.0, "5-1": 2.0}}  # the given order, cut at top_k
+    assert split.corpus == {"5-0": "p0", "5-1": "p1", "5-2": "p2"}
+    assert reranker.evaluate_run(split.qrels, split.run)[0]["RR@10"] == 0.5
+
+
 def test_bm25_scores_are_lucene_bm25_with_anserini_k1_and_b():
     corpus = {"a": "cats sat", "b": "cats chase cats dog", "c": "birds", "d": "the"}
     # After stop words: lengths a 2, b 4, c 1, d 0 -> avgdl 7/4; "cats" is in 2 of 4 docs.
@@ -323,7 +341,7 @@ def test_bm25_scores_are_lucene_bm25_with_anserini_k1_and_b():
     assert run["q"] == pytest.approx({"a": bm25(1, 2), "b": bm25(2, 4)})  # c and d share no term: left out
 
 
-def test_bm25_on_cranfield_gives_the_published_ndcg_at_10_and_the_same_run_twice():
+def test_bm25_on_cranfield_lands_where_bm25_with_porter_stemming_does_and_gives_the_same_run_twice():
     needs_data("cranfield")
     spec = f"{DATA}/cranfield:test"  # no run file: BM25 over the 1,400 abstracts
 

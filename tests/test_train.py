@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -352,8 +353,9 @@ def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill(minilm, tmp_path)
     assert [e["step"] for e in logged] == [5, 10, 15, 20, 25, 30]
     assert all({"learning_rate", "grad_norm"} <= e.keys() for e in logged)
     config = json.loads((full / "run_config.json").read_text())  # what ran: the preset (MiniLM's) and the flags
-    assert (config["training"]["learning_rate"], config["training"]["lr_scheduler_type"]) == (2e-5, "constant_with_warmup")
-    assert (config["training"]["optim"], config["training"]["seed"]) == ("lion_8bit", 7)
+    training = config["training"]
+    assert (training["learning_rate"], training["lr_scheduler_type"]) == (2e-5, "constant_with_warmup")
+    assert (training["optim"], training["seed"]) == ("lion_8bit", 7)
     assert config["script"]["max_length"] == 128
 
     killed = tmp_path / "killed"
@@ -389,6 +391,23 @@ def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill(minilm, tmp_path)
     predicted = CrossEncoder(str(full), max_length=128).predict([(split.queries[q], split.corpus[d]) for q, d in keys])
     logits = torch.tensor([run[q][d] for q, d in keys])  # rerank's scores are logits; CrossEncoder's their sigmoid
     assert torch.sigmoid(logits).tolist() == pytest.approx(predicted.tolist(), abs=1e-5)
+
+
+def test_training_batches_group_pairs_of_similar_length(minilm, tmp_path):
+    trainer = make_trainer(minilm, tmp_path)
+    rnd = random.Random(0)
+    pairs = [("a query", " ".join(["word"] * rnd.randint(5, 100)), 0.0) for _ in range(480)]
+    trainer.train_dataset = train.tokenize_pairs(pairs, trainer.processing_class, 128)
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+
+    def padding_efficiency(order):  # real tokens / tokens computed, batches of 16 padded to their longest
+        batches = [order[i : i + 16] for i in range(0, len(order), 16)]
+        return sum(lengths) / sum(16 * max(lengths[i] for i in batch) for batch in batches)
+
+    grouped = list(trainer._get_train_sampler())
+    assert sorted(grouped) == list(range(480))  # every pair once
+    assert padding_efficiency(grouped) > 0.85  # sorted within megabatches of 7 batches here (0.89)
+    assert padding_efficiency(list(torch.randperm(480, generator=torch.Generator().manual_seed(0)))) < 0.7  # 0.57
 
 
 def test_the_sampler_learns_its_epoch_through_the_wrappers_of_several_processes_and_a_resume(minilm, tmp_path):
