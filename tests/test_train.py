@@ -625,3 +625,26 @@ def test_validation_metrics_equal_a_rerank_of_the_same_candidates(minilm, tmp_pa
     aggregate, _ = evaluate_run(split.qrels, rerank(model, AutoTokenizer.from_pretrained(out), split, max_length=96))
     assert logged["eval_mrr@10"] == pytest.approx(aggregate["RR@10"], abs=1e-6)
     assert logged["eval_ndcg@10"] == pytest.approx(aggregate["nDCG@10"], abs=1e-6)
+
+
+@needs_data
+def test_load_best_model_at_end_keeps_the_checkpoint_with_the_best_validation_mrr(minilm, tmp_path):
+    out = tmp_path / "out"
+    train.main(
+        ["--model", minilm, "--train_data", f"{DATA}/msmarco-sample:train", "--eval_data",
+         f"{DATA}/msmarco-sample:test", "--eval_top_k", "4", "--negatives_per_query", "1", "--max_steps", "4",
+         "--warmup_steps", "1", "--learning_rate", "1e-3", "--max_length", "96", "--eval_strategy", "steps",
+         "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--load_best_model_at_end",
+         "--metric_for_best_model", "mrr@10", "--output_dir", str(out), "--report_to", "none"]
+    )  # fmt: skip
+    state = json.loads((out / "trainer_state.json").read_text())
+    mrr = {e["step"]: e["eval_mrr@10"] for e in state["log_history"] if "eval_mrr@10" in e and e["step"] <= 4}
+    best_step = max(mrr, key=lambda step: (mrr[step], -step))  # the first step to reach the best value
+    assert sorted(mrr) == [1, 2, 3, 4]
+    assert best_step < 4, f"{mrr}: the last step is the best, so keeping it proves nothing; try another learning rate"
+    assert state["best_metric"] == mrr[best_step]
+    assert Path(state["best_model_checkpoint"]).name == f"checkpoint-{best_step}"
+    final, best = load_file(out / "model.safetensors"), load_file(out / f"checkpoint-{best_step}" / "model.safetensors")
+    for name in best:
+        torch.testing.assert_close(final[name], best[name], rtol=0, atol=0, msg=name)
+    assert json.loads((out / "eval_results.json").read_text())["eval_mrr@10"] == pytest.approx(mrr[best_step])
