@@ -210,6 +210,26 @@ def test_a_nan_loss_stops_training_with_a_clear_error(minilm, tmp_path):
         trainer.train()
 
 
+def test_a_nan_loss_exits_1_with_one_error_line_and_keeps_the_earlier_checkpoints(minilm, tmp_path, monkeypatch, capsys):
+    (tmp_path / "triples.tsv").write_text("".join(f"query {i}\tpassage {i}\tother passage {i}\n" for i in range(40)))
+    calls, real_loss = [], train.bce_loss
+
+    def loss_turning_nan_at_step_3(outputs, labels, num_items_in_batch=None):
+        calls.append(1)
+        loss = real_loss(outputs, labels, num_items_in_batch)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(train, "bce_loss", loss_turning_nan_at_step_3)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--model", minilm, "--train_data", str(tmp_path / "triples.tsv"), "--max_steps", "4",
+                    "--warmup_steps", "1", "--max_length", "32", "--save_strategy", "steps", "--save_steps", "2",
+                    "--output_dir", str(out), "--report_to", "none"])  # fmt: skip
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 1 and len(errors) == 1 and "loss became nan at step 3" in errors[0]
+    assert (out / "checkpoint-2" / "model.safetensors").is_file() and not (out / "model.safetensors").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The CPU fast path: dropout from 16 random bits per element, attention dropout without SDPA's float32 fallback.
 
