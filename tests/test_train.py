@@ -210,7 +210,7 @@ def test_a_nan_loss_stops_training_with_a_clear_error(minilm, tmp_path):
         trainer.train()
 
 
-def test_a_nan_loss_exits_1_with_one_error_line_and_keeps_the_earlier_checkpoints(minilm, tmp_path, monkeypatch, capsys):
+def test_a_nan_loss_exits_1_with_one_error_line_and_keeps_earlier_checkpoints(minilm, tmp_path, monkeypatch, capsys):
     (tmp_path / "triples.tsv").write_text("".join(f"query {i}\tpassage {i}\tother passage {i}\n" for i in range(40)))
     calls, real_loss = [], train.bce_loss
 
