@@ -630,15 +630,20 @@ def test_report_to_wandb_without_an_account_logs_offline_and_never_fails(minilm,
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+def validated_training(minilm, out, *extra):
+    """train.main on msmarco-sample:train, validated on the top 4 candidates of msmarco-sample:test."""
+    train.main(
+        ["--model", minilm, "--train_data", f"{DATA}/msmarco-sample:train", "--eval_data",
+         f"{DATA}/msmarco-sample:test", "--eval_top_k", "4", "--negatives_per_query", "1", "--warmup_steps", "1",
+         "--max_length", "96", "--output_dir", str(out), "--report_to", "none", *extra]
+    )  # fmt: skip
+
+
 @needs_data
 def test_validation_metrics_equal_a_rerank_of_the_same_candidates(minilm, tmp_path):
     """The Trainer's eval_mrr@10 / eval_ndcg@10 are evaluate.py's numbers for the same model and candidates."""
     out = tmp_path / "out"
-    train.main(
-        ["--model", minilm, "--train_data", f"{DATA}/msmarco-sample:train", "--eval_data",
-         f"{DATA}/msmarco-sample:test", "--eval_top_k", "4", "--negatives_per_query", "1", "--max_steps", "2",
-         "--warmup_steps", "1", "--max_length", "96", "--output_dir", str(out), "--report_to", "none"]
-    )  # fmt: skip
+    validated_training(minilm, out, "--max_steps", "2")
     logged = json.loads((out / "eval_results.json").read_text())
     model = AutoModelForSequenceClassification.from_pretrained(out)
     split = load_split(f"{DATA}/msmarco-sample:test", top_k=4)
@@ -650,13 +655,9 @@ def test_validation_metrics_equal_a_rerank_of_the_same_candidates(minilm, tmp_pa
 @needs_data
 def test_load_best_model_at_end_keeps_the_checkpoint_with_the_best_validation_mrr(minilm, tmp_path):
     out = tmp_path / "out"
-    train.main(
-        ["--model", minilm, "--train_data", f"{DATA}/msmarco-sample:train", "--eval_data",
-         f"{DATA}/msmarco-sample:test", "--eval_top_k", "4", "--negatives_per_query", "1", "--max_steps", "4",
-         "--warmup_steps", "1", "--learning_rate", "1e-3", "--max_length", "96", "--eval_strategy", "steps",
-         "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--load_best_model_at_end",
-         "--metric_for_best_model", "mrr@10", "--output_dir", str(out), "--report_to", "none"]
-    )  # fmt: skip
+    validated_training(minilm, out, "--max_steps", "4", "--learning_rate", "1e-3", "--eval_strategy", "steps",
+                       "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--load_best_model_at_end",
+                       "--metric_for_best_model", "mrr@10")  # fmt: skip
     state = json.loads((out / "trainer_state.json").read_text())
     mrr = {e["step"]: e["eval_mrr@10"] for e in state["log_history"] if "eval_mrr@10" in e and e["step"] <= 4}
     best_step = max(mrr, key=lambda step: (mrr[step], -step))  # the first step to reach the best value
