@@ -657,7 +657,7 @@ def test_load_best_model_at_end_keeps_the_checkpoint_with_the_best_validation_mr
     out = tmp_path / "out"
     validated_training(minilm, out, "--max_steps", "4", "--learning_rate", "1e-3", "--eval_strategy", "steps",
                        "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--load_best_model_at_end",
-                       "--metric_for_best_model", "mrr@10")  # fmt: skip
+                       "--metric_for_best_model", "mrr@10", "--save_only_model", "true")  # fmt: skip
     state = json.loads((out / "trainer_state.json").read_text())
     mrr = {e["step"]: e["eval_mrr@10"] for e in state["log_history"] if "eval_mrr@10" in e and e["step"] <= 4}
     best_step = max(mrr, key=lambda step: (mrr[step], -step))  # the first step to reach the best value
