@@ -385,6 +385,11 @@ def data_table(metrics, columns, marks):
     return markdown_table(["System", *columns], rows)
 
 
+def has_thesis_columns(dl19_columns, dev_columns):
+    """Whether the thesis's layout can be shown: DL19's four columns and the dev set's MRR@10 (the default measures)."""
+    return set(THESIS_DL19_COLUMNS) <= set(dl19_columns) and "MRR@10" in dev_columns
+
+
 def thesis_table(metrics, columns, marks, dev):
     """The thesis's layout: NDCG@10, MAP, R-Prec, P@10 on DL19 and MRR@10 on a dev set, for systems in both."""
     header = ["System"] + [f"{c} (DL19)" for c in THESIS_DL19_COLUMNS] + [f"MRR@10 ({dev})"]
@@ -509,7 +514,7 @@ def main():
         if marks[spec]:
             print(f"\n{legend(marks[spec], len(metrics[spec]))}")
     for dev in [d for d in DEV_SETS if "dl19" in splits and d in splits]:
-        if set(THESIS_DL19_COLUMNS) <= set(columns["dl19"]) and "MRR@10" in columns[dev]:
+        if has_thesis_columns(columns["dl19"], columns[dev]):
             print(f"\n## Thesis layout: TREC DL 2019 and {dev}\n")
             print(thesis_table(metrics, columns, marks, dev))
 

@@ -20,7 +20,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
-from evaluate import ALPHA, COLUMNS, DEV_SETS, THESIS_DL19_COLUMNS, data_folder, markdown_table, paired_p_value  # noqa: E402
+from evaluate import ALPHA, COLUMNS, DEV_SETS, THESIS_DL19_COLUMNS, data_folder, has_thesis_columns  # noqa: E402
+from evaluate import markdown_table, paired_p_value  # noqa: E402
 from reranker import InputError, exit_on_input_error, measures_at, write_atomic  # noqa: E402
 
 OPTIMIZERS = ("adamw", "lion")
@@ -221,8 +222,7 @@ def main(argv=None):
         sections.append(section)
         figures.append(plot_bars(spec, bars, figures_dir))
     for dev in [d for d in DEV_SETS if "dl19" in metrics and d in metrics]:
-        dl19_columns, dev_columns = measure_columns(metrics["dl19"]), measure_columns(metrics[dev])
-        if set(THESIS_DL19_COLUMNS) <= set(dl19_columns) and "MRR@10" in dev_columns:  # the default measures
+        if has_thesis_columns(measure_columns(metrics["dl19"]), measure_columns(metrics[dev])):
             sections.insert(0, thesis_table(metrics, results / "eval", dev))
     seeds_note = ", per-query values averaged over seeds" if "seeds)" in "".join(sections) else ""
     note = f"{LION_MARK} Lion differs from AdamW on the same backbone, p < {ALPHA} (two-sided paired t-test over queries"
