@@ -529,7 +529,9 @@ def evaluate_run(qrels, run, measures=None):
         if query_id in qrels
     }
     results = ir_measures.calc(measures, qrels, ranked)
-    per_query = {}
+    values = {}
     for metric in results.per_query:
-        per_query.setdefault(metric.query_id, {})[str(metric.measure)] = metric.value
+        values.setdefault(metric.query_id, {})[str(metric.measure)] = metric.value
+    names = [str(m) for m in measures]  # ir_measures' own order follows string hashes, which differ process to process
+    per_query = {q: {name: values[q][name] for name in names if name in values[q]} for q in sorted(values)}
     return {str(m): v for m, v in results.aggregated.items()}, per_query

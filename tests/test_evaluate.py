@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -108,6 +109,11 @@ def test_a_judged_query_the_run_does_not_answer_scores_zero_as_in_trec_eval_c():
 
     assert {q: values["RR@10"] for q, values in per_query.items()} == trec_eval_c
     assert aggregate["RR@10"] == pytest.approx(1.5 / 3)  # not 1.5 / 2: leaving q3 out gains nothing
+    # per-query files come out the same in every process: queries sorted, measures in the order asked for
+    measures = [ir_measures.P @ 10, ir_measures.RR @ 10, ir_measures.AP, ir_measures.nDCG @ 10]
+    per_query = reranker.evaluate_run(qrels, {q: run[q] for q in ("q2", "q1")}, measures)[1]
+    assert list(per_query) == ["q1", "q2", "q3"]
+    assert all(list(values) == ["P@10", "RR@10", "AP", "nDCG@10"] for values in per_query.values())
 
 
 def test_ties_are_judged_in_trec_evals_32_bit_floats():
@@ -514,6 +520,50 @@ def test_a_rerank_killed_before_its_model_was_retrained_scores_everything_anew(
     assert len(calls) == 7  # the 2 chunks saved with the old weights are not reused
     run_file = Path("msmarco-sample-test-graded") / "model.trec"
     assert (tmp_path / "out" / run_file).read_bytes() == (tmp_path / "whole" / run_file).read_bytes()
+
+
+def test_two_processes_share_out_the_chunks_a_killed_rerank_left_and_write_the_same_files(
+    minilm_folders, tmp_path, monkeypatch, capsys
+):
+    """`accelerate launch --num_processes 2 evaluate.py` (gloo on the CPU, as NCCL on GPUs) resuming a rerank that
+    one process began: each process scores its share of the chunks still to do, the main one writes."""
+    needs_data("msmarco-sample")
+    monkeypatch.setattr(reranker, "CHUNK_PAIRS", 6)  # 7 chunks, as above
+    args = ["--models", minilm_folders[0], "--data", f"{DATA}/msmarco-sample:test-graded", "--top_k", "2"]
+    args += ["--max_length", "48"]
+    run_main(monkeypatch, capsys, *args, "--output_dir", tmp_path / "whole")
+    killed_at_the_third_chunk(monkeypatch, capsys, *args, "--output_dir", tmp_path / "out")  # 2 chunks saved
+
+    # evaluate.py with the test's chunk size, logging who scores each chunk; PartialState(cpu=True) makes the processes
+    # one gloo group on this GPU-less machine (on GPUs, evaluate.py's own PartialState() finds NCCL)
+    launched = tmp_path / "launched.py"
+    launched.write_text(f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import accelerate, evaluate, reranker
+accelerate.PartialState(cpu=True)
+reranker.CHUNK_PAIRS = 6
+score = reranker.score_encoded
+def logged(*args, **kwargs):
+    with open({str(tmp_path)!r} + "/chunks-" + os.environ["RANK"], "a") as log:
+        log.write("1")
+    return score(*args, **kwargs)
+reranker.score_encoded = logged
+evaluate.main()
+""")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(launched),
+               *map(str, args), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    assert [(tmp_path / f"chunks-{rank}").read_text() for rank in (0, 1)] == ["111", "11"]  # the 5 left, shared out
+    folder = Path("msmarco-sample-test-graded")
+    for name in ("minilm-seed0.trec", "minilm-seed0.per_query.json", "BM25.trec"):
+        assert (tmp_path / "out" / folder / name).read_bytes() == (tmp_path / "whole" / folder / name).read_bytes()
+    assert (tmp_path / "out" / "metrics.json").read_text() == (tmp_path / "whole" / "metrics.json").read_text()
+    assert not list((tmp_path / "out" / folder).glob("*.scored-*.jsonl"))
+    assert "| minilm-seed0 |" in done.stdout and done.stdout.count("## ") == 1  # one table: the main process's
 
 
 def test_printed_table_and_metrics_json_hold_the_same_numbers_for_two_models(
