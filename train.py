@@ -444,6 +444,16 @@ class RerankerTrainer(Trainer):
             self.add_callback(SamplerEpochCallback(sampler))
         return sampler
 
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs
+        )
+        if self.state.global_step >= max_steps:
+            # Resumed from a checkpoint at --max_steps (a run killed while saving its final model): the Trainer
+            # checks max_steps only after a step, so it would train one step more than asked. Nothing is left.
+            return num_train_epochs, 0
+        return epochs_trained, steps_trained
+
     def _get_eval_sampler(self, eval_dataset):
         # Keep the validation set's order (already sorted by length): rerank_metrics maps predictions back to
         # (query, doc) by position, and group_by_length would shuffle evaluation batches too.
