@@ -127,6 +127,11 @@ class RerankerTrainingArguments(TrainingArguments):
     train_sampling_strategy: str = field(
         default="group_by_length", metadata={"help": "random, sequential, group_by_length or batch_rebalance."}
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "Every weight of the cross-encoder gets a gradient each step, so multi-GPU DDP need not "
+                          "search the autograd graph for unused ones (the Trainer's default for PreTrainedModels)."},
+    )  # fmt: skip
     fast_cpu_dropout: bool = field(
         default=True,
         metadata={"help": "On the CPU: dropout from 16 random bits per element (p rounded to 1/65536) and attention "

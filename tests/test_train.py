@@ -204,6 +204,32 @@ def test_loss_and_gradient_norm_are_the_means_over_the_step_however_it_is_split(
         assert loss == pytest.approx(logged[0][0], rel=1e-4) and grad_norm == pytest.approx(logged[0][1], rel=1e-3)
 
 
+def test_two_processes_of_8_pairs_a_step_train_as_one_process_of_16(minilm_without_dropout, tmp_path):
+    """`accelerate launch --multi_gpu` DDP (gloo on this CPU, NCCL on GPUs): the loss and gradient are means over the
+    16 pairs of the step however the processes split them, and every weight gets a gradient each step, as
+    ddp_find_unused_parameters=False needs (DDP stops with an error otherwise)."""
+    argv = ["--model", str(minilm_without_dropout), "--optim", "adamw", "--train_data", f"{REPO}/data/demo:train",
+            "--negatives_per_query", "4", "--max_steps", "2", "--warmup_steps", "0", "--logging_steps", "1",
+            "--max_length", "128", "--train_sampling_strategy", "sequential", "--save_strategy", "no",
+            "--report_to", "none"]  # fmt: skip
+    train.main([*argv, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "one")])
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py"),
+               *argv, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "two")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    logged = {}
+    for run in ("one", "two"):
+        history = json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
+        logged[run] = [value for e in history if "loss" in e for value in (e["loss"], e["grad_norm"])]
+    assert len(logged["one"]) == 4 and logged["two"] == pytest.approx(logged["one"], rel=1e-5)
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert "find_unused_parameters=True" not in done.stderr
+
+
 def test_a_nan_loss_stops_training_with_a_clear_error(minilm, tmp_path):
     trainer = make_trainer(minilm, tmp_path, ["--max_steps", "2", "--save_strategy", "no"], labels=[float("nan")] * 4)
     with pytest.raises(train.NonFiniteLossError, match="loss became nan at step 1"):
