@@ -206,12 +206,14 @@ def test_loss_and_gradient_norm_are_the_means_over_the_step_however_it_is_split(
 
 def test_two_processes_of_8_pairs_a_step_train_as_one_process_of_16(minilm_without_dropout, tmp_path):
     """`accelerate launch --multi_gpu` DDP (gloo on this CPU, NCCL on GPUs): the loss and gradient are means over the
-    16 pairs of the step however the processes split them, and every weight gets a gradient each step, as
-    ddp_find_unused_parameters=False needs (DDP stops with an error otherwise)."""
+    16 pairs of the step however the processes split them, every weight gets a gradient each step, as
+    ddp_find_unused_parameters=False needs (DDP stops with an error otherwise), and the validation rerank, its
+    600 pairs shared out unevenly (10 batches of up to 64), gives the metrics of one process."""
     argv = ["--model", str(minilm_without_dropout), "--optim", "adamw", "--train_data", f"{REPO}/data/demo:train",
             "--negatives_per_query", "4", "--max_steps", "2", "--warmup_steps", "0", "--logging_steps", "1",
             "--max_length", "128", "--train_sampling_strategy", "sequential", "--save_strategy", "no",
-            "--report_to", "none"]  # fmt: skip
+            "--eval_data", f"{REPO}/data/demo:test", "--eval_top_k", "30", "--eval_strategy", "steps",
+            "--eval_steps", "2", "--per_device_eval_batch_size", "64", "--report_to", "none"]  # fmt: skip
     train.main([*argv, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "one")])
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py"),
@@ -227,6 +229,9 @@ def test_two_processes_of_8_pairs_a_step_train_as_one_process_of_16(minilm_witho
     assert len(logged["one"]) == 4 and logged["two"] == pytest.approx(logged["one"], rel=1e-5)
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    one, two = (json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("one", "two"))
+    assert (two["eval_mrr@10"], two["eval_ndcg@10"]) == (one["eval_mrr@10"], one["eval_ndcg@10"])
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
     assert "find_unused_parameters=True" not in done.stderr
 
 
