@@ -103,3 +103,42 @@ def test_damaged_results_are_a_one_line_error_naming_the_file(tmp_path, capsys):
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "BM25.per_query.json: not complete JSON" in error
     assert len(error.strip().splitlines()) == 1
+
+
+def test_figures_draw_each_runs_logged_curve_in_its_optimizers_colour_and_the_tables_means_as_bars(
+    tmp_path, monkeypatch
+):
+    histories = {  # run -> (steps, training losses); Lion also logged an evaluation loss
+        "minilm-adamw-seed1": ([5, 10, 15], [0.70, 0.60, 0.50]),
+        "minilm-adamw-seed2": ([5, 10, 15], [0.72, 0.62, 0.52]),
+        "minilm-lion-seed1": ([5, 10], [0.69, 0.65]),
+    }
+    for run, (steps, losses) in histories.items():
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        history = [{"step": s, "loss": x, "learning_rate": s * 1e-6, "grad_norm": 1.0} for s, x in zip(steps, losses)]
+        if "lion" in run:
+            history.append({"step": 10, "eval_loss": 0.66})
+        (tmp_path / "runs" / run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    per_query = {"BM25": {"q1": 0.2, "q2": 0.4}, "minilm-adamw-seed1": {"q1": 0.5, "q2": 0.7}}
+    metrics = {"dl19": write_eval(tmp_path, "dl19", per_query)}
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    drawn = {}  # figure title -> its axes, caught as report.py closes each figure
+    monkeypatch.setattr(report.plt, "close", lambda figure: drawn.update({figure.axes[0].get_title(): figure.axes[0]}))
+
+    report.main(["--results", str(tmp_path)])
+
+    lines = {line.get_label(): line for line in drawn["minilm: Training loss"].get_lines()}
+    assert set(lines) == set(histories)
+    for run, (steps, losses) in histories.items():
+        assert list(lines[run].get_xdata()) == steps and list(lines[run].get_ydata()) == losses
+        assert lines[run].get_color() == ("tab:orange" if "lion" in run else "tab:blue")
+    [eval_line] = drawn["minilm: Evaluation loss"].get_lines()
+    assert eval_line.get_label() == "minilm-lion-seed1" and list(eval_line.get_ydata()) == [0.66]
+    assert list(drawn["minilm: Learning rate"].get_lines()[0].get_ydata()) == pytest.approx([5e-6, 1e-5, 1.5e-5])
+    bars = drawn["Reranking quality on dl19"]
+    by_system = {}
+    for container in bars.containers:  # one per system, a bar per column: the table's means
+        by_system[container.get_label()] = [patch.get_height() for patch in container.patches]
+    assert by_system["BM25"] == pytest.approx([0.3, 0.31, 0.32, 0.33, 0.34])
+    assert by_system["minilm-adamw"] == pytest.approx([0.6, 0.61, 0.62, 0.63, 0.64])
+    assert [label.get_text() for label in bars.get_xticklabels()] == ["NDCG@10", "MAP", "MRR@10", "R-Prec", "P@10"]
