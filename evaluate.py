@@ -428,8 +428,10 @@ def main():
     except (NameError, ValueError) as error:
         raise InputError(f"--metrics: {one_line(error)}") from None
 
-    # 2. Data, all of it read and checked before anything is scored or written
-    splits = {spec: load_data(spec, args.top_k, with_candidates=bool(args.models)) for spec in args.data}
+    # 2. Data, all of it read and checked before anything is scored or written (downloaded and cached by the main
+    #    process before the others read it: ir_datasets' downloads are not safe for several processes at once)
+    with state.main_process_first():
+        splits = {spec: load_data(spec, args.top_k, with_candidates=bool(args.models)) for spec in args.data}
 
     # 3. Systems: the given run files, or the first stage and each model (checked now, loaded in 4)
     folders = [data_folder(spec) for spec in args.data]
