@@ -2,6 +2,8 @@
 
     # trained rerankers on TREC DL 2019 and MS MARCO dev small, reranking the official BM25 top-1000 (ir_datasets)
     python evaluate.py --models runs/minilm runs/gte runs/modernbert --data dl19 dev-small
+    # the same, reranking a ranked run's top-1000 (here Pyserini's BM25, as the thesis did) instead of the official set
+    python evaluate.py --models runs/minilm --data dl19 --candidates dl19=run.msmarco-v1-passage.bm25-default.dl19.txt
     # the protocol of the thesis's MRR@10 column: MS MARCO v1.1 validation, each query's ~10 given passages
     python evaluate.py --models runs/minilm --data msmarco-v1.1-val
     # local splits DIR:SPLIT (candidates from DIR/run.SPLIT.trec, else BM25 over DIR/corpus.tsv); minutes on a CPU
@@ -15,7 +17,8 @@
 --data SPEC: `DIR:SPLIT`; `dl19`, `dl20`, `dev-small` (ir_datasets msmarco-passage/trec-dl-2019/judged,
 msmarco-passage/trec-dl-2020/judged, msmarco-passage/dev/small with their official BM25 top-1000); `irds:<id>`
 (any ir_datasets id with scoreddocs); `msmarco-v1.1-val` (Hugging Face microsoft/ms_marco v1.1 validation,
-`is_selected` as the label: not the standard dev-small MRR@10).
+`is_selected` as the label: not the standard dev-small MRR@10). MS MARCO's official BM25 top-1000 comes shuffled and
+unscored: those data sets get no BM25 row, and are reranked whole.
 
 Writes to --output_dir: `metrics.json` (data spec -> system -> measure -> value, and the p-values), and per data a
 folder with `SYSTEM.trec` (TREC run) and `SYSTEM.per_query.json`. A killed rerank leaves `SYSTEM.scored-RANK.jsonl`
@@ -94,6 +97,11 @@ class EvaluationArguments:
         metadata={"help": "Instead of --models: TREC run files to score as they are, against one --data."},
     )
     top_k: int = field(default=1000, metadata={"help": "Candidates reranked per query: TREC DL's BM25 top-1000."})
+    candidates: list[str] = field(
+        default_factory=list,
+        metadata={"help": "SPEC=RUN_FILE: a ranked TREC run as the candidates of an ir_datasets SPEC instead of its "
+                          "official ones, e.g. dl19=run.bm25.dl19.txt (Pyserini's BM25, as the thesis reranked)."},
+    )  # fmt: skip
     batch_tokens: int | None = field(
         default=None,
         metadata={"help": "Padded tokens per forward pass (default 4096 on a CPU, 65536 on a GPU); lower when out of memory."},
@@ -125,6 +133,10 @@ class EvaluationArguments:
     def __post_init__(self):
         if bool(self.models) == bool(self.run):
             raise InputError("give either --models or --run")
+        for pair in self.candidates:
+            spec, _, path = pair.partition("=")
+            if spec not in self.data or not path:
+                raise InputError(f"--candidates {pair}: expected SPEC=RUN_FILE with SPEC one of --data")
         if self.run and len(self.data) != 1:
             raise InputError("--run scores run files against exactly one --data")
         if self.top_k < 1 or (self.batch_tokens or 1) < 1 or self.max_length < 1:
@@ -135,14 +147,18 @@ class EvaluationArguments:
 # Data: every SPEC becomes a reranker.Split (queries, qrels, first-stage run, corpus).
 
 
-def load_data(spec, top_k, with_candidates=True):
-    """A SPEC's queries and qrels, and with_candidates its first-stage top_k and their text."""
+def load_data(spec, top_k, with_candidates=True, candidates=None):
+    """A SPEC's queries and qrels, and with_candidates its first-stage top_k (from the `candidates` run file where
+    given) and their text."""
+    if spec in IRDS_NAMES or spec.startswith("irds:"):
+        with quiet_downloads(all_warnings=True):
+            dataset_id = IRDS_NAMES.get(spec, spec.removeprefix("irds:"))
+            return load_irds(spec, dataset_id, top_k, with_candidates, candidates)
+    if candidates:
+        raise InputError(f"--candidates {spec}=...: only for ir_datasets data (a DIR:SPLIT has DIR/run.SPLIT.trec)")
     if spec == MSMARCO_V11:
         with quiet_downloads():
             return load_msmarco_v11(top_k)
-    if spec in IRDS_NAMES or spec.startswith("irds:"):
-        with quiet_downloads(all_warnings=True):
-            return load_irds(spec, IRDS_NAMES.get(spec, spec.removeprefix("irds:")), top_k, with_candidates)
     if ":" not in spec:
         raise InputError(f"{spec}: unknown data, expected DIR:SPLIT, dl19, dl20, dev-small, irds:<id> or {MSMARCO_V11}")
     if with_candidates:
@@ -151,28 +167,46 @@ def load_data(spec, top_k, with_candidates=True):
     return Split(queries, qrels, {}, {}, spec)
 
 
-def load_irds(spec, dataset_id, top_k, with_candidates):
+def load_irds(spec, dataset_id, top_k, with_candidates, candidates=None):
     try:
         dataset = ir_datasets.load(dataset_id)
     except KeyError:
         raise InputError(f"{spec}: {dataset_id} is not an ir_datasets id") from None
-    if with_candidates and not dataset.has_scoreddocs():
-        raise InputError(f"{spec}: {dataset_id} has no first-stage run (scoreddocs) to rerank")
+    if with_candidates and not candidates and not dataset.has_scoreddocs():
+        raise InputError(f"{spec}: {dataset_id} has no first-stage run (scoreddocs) to rerank; give --candidates")
     try:  # downloads on first use
         queries = {query.query_id: query.default_text() for query in dataset.queries_iter()}
         qrels = {}
         for qrel in dataset.qrels_iter():
             qrels.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
-        run, corpus = {}, {}
-        if with_candidates:
+        run, corpus, ranked = {}, {}, True
+        if with_candidates and candidates:  # e.g. Pyserini's run for all 200 DL19 topics: dl19's 43 judged are kept
+            run = {query_id: scores for query_id, scores in read_run(candidates).items() if query_id in queries}
+            if not run:
+                raise InputError(f"{candidates}: no query of {dataset_id} in it")
+        elif with_candidates:
             for scored in dataset.scoreddocs_iter():
                 run.setdefault(scored.query_id, {})[scored.doc_id] = scored.score
-            run = top_candidates(run, top_k)
+        if with_candidates:
+            # MS MARCO's official BM25 top-1000 files (dev, TREC DL) list each query's candidates shuffled, without
+            # scores, and ir_datasets gives them all 0: a set to rerank, not a ranking to cut or to score.
+            ranked = len({score for scores in run.values() for score in scores.values()}) > 1
+            if ranked:
+                run = top_candidates(run, top_k)
+            elif top_k < max(map(len, run.values()), default=0):
+                raise InputError(
+                    f"--top_k {top_k}: the candidates of {spec} come unranked (all scores tie), so a top {top_k} would "
+                    f"be an arbitrary subset; rerank all of them (--top_k 1000) or give ranked ones (--candidates)"
+                )
             needed = {doc_id for scores in run.values() for doc_id in scores}
             corpus = {doc.doc_id: doc.default_text() for doc in dataset.docs_store().get_many_iter(needed)}
+            if candidates and needed - corpus.keys():
+                for line_number, (_, _, doc_id, *_) in read_fields(candidates, 6, sep=None):
+                    if doc_id in needed and doc_id not in corpus:
+                        raise InputError(f"{candidates}:{line_number}: document {doc_id} is not in {dataset_id}")
     except (OSError, RuntimeError) as error:  # ir_datasets raises RuntimeError when every download source fails
         raise InputError(f"{spec}: cannot load {dataset_id} with ir_datasets: {one_line(error)}") from None
-    return Split(queries, qrels, run, corpus, spec)
+    return Split(queries, qrels, run, corpus, spec, ranked)
 
 
 def load_msmarco_v11(top_k):
@@ -431,14 +465,15 @@ def main():
     # 2. Data, all of it read and checked before anything is scored or written (downloaded and cached by the main
     #    process before the others read it: ir_datasets' downloads are not safe for several processes at once)
     with state.main_process_first():
-        splits = {spec: load_data(spec, args.top_k, with_candidates=bool(args.models)) for spec in args.data}
+        candidates = dict(pair.partition("=")[::2] for pair in args.candidates)
+        splits = {spec: load_data(spec, args.top_k, bool(args.models), candidates.get(spec)) for spec in args.data}
 
     # 3. Systems: the given run files, or the first stage and each model (checked now, loaded in 4)
     folders = [data_folder(spec) for spec in args.data]
     if len(set(folders)) < len(folders):
         raise InputError(f"each --data writes to a folder named after it, and these clash: {', '.join(folders)}")
     names = [Path(path).stem for path in args.run] or [Path(model.rstrip("/")).name for model in args.models]
-    first_stages = set() if args.run else {first_stage_name(spec) for spec in splits}
+    first_stages = set() if args.run else {first_stage_name(spec) for spec, split in splits.items() if split.ranked}
     if len(set(names)) < len(names) or first_stages & set(names):
         raise InputError(f"systems are named after their folders or files, and these clash: {', '.join(names)}")
     baseline = args.baseline or names[0]
@@ -450,9 +485,13 @@ def main():
     for spec, split in splits.items():
         if args.run:
             runs[spec] = {name: read_checked_run(path, split) for name, path in zip(names, args.run)}
-        else:
+        elif split.ranked:
             runs[spec][first_stage_name(spec)] = as_written(split.run)
-        for name, run in runs[spec].items():  # (a model's run answers the queries of the first stage's)
+        else:
+            logger.info("%s: its candidates come without a ranking (all scores tie): no %s row", spec,
+                        first_stage_name(spec))  # fmt: skip
+        checked = runs[spec] if args.run else {first_stage_name(spec): split.run}  # models answer its queries
+        for name, run in checked.items():
             answered = len(set(run) & set(split.qrels))
             if not answered:
                 raise InputError(f"{name}: no query of its run is judged in {spec}")

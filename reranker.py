@@ -238,6 +238,7 @@ class Split:
     run: dict  # first-stage candidates {query_id: {doc_id: score}}
     corpus: dict  # {doc_id: text}, only the documents the split needs
     name: str
+    ranked: bool = True  # False: the run's scores all tie, so it gives candidates but no ranking of its own
 
 
 def split_paths(spec):

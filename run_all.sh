@@ -6,7 +6,8 @@
 #   bash run_all.sh --models "minilm" --seeds "1 2 3" -- --max_train_pairs 200000
 #   bash run_all.sh --demo                            # offline, on a CPU, in minutes (what `make demo` runs)
 #
-# Options: --models "..." --optims "..." --seeds "..." --output DIR --demo; everything after `--` goes to train.py.
+# Options: --models "..." --optims "..." --seeds "..." --output DIR --candidates "SPEC=RUN_FILE ..." --demo; everything
+# after `--` goes to train.py.
 # Re-running skips what is finished (a run with its final model, an evaluation newer than every model) and resumes
 # an interrupted training run from its last checkpoint.
 set -euo pipefail
@@ -18,6 +19,7 @@ SEEDS="42"                              # several: the table shows mean ± std o
 OUTPUT="results"
 EVAL_DATA="dl19 dev-small msmarco-v1.1-val"  # msmarco-v1.1-val: the protocol of the thesis's MRR@10 column
 TOP_K=1000                              # BM25 candidates reranked per query
+CANDIDATES=""                           # "dl19=FILE ...": ranked candidates instead of the official set (evaluate.py)
 TRAIN_FLAGS=()                          # extra train.py flags (after --)
 DEMO=0
 PYTHON="${PYTHON:-python}"
@@ -28,6 +30,7 @@ while [ $# -gt 0 ]; do
     --optims) OPTIMS="$2"; shift 2 ;;
     --seeds) SEEDS="$2"; shift 2 ;;
     --output) OUTPUT="$2"; shift 2 ;;
+    --candidates) CANDIDATES="$2"; shift 2 ;;
     --demo) DEMO=1; shift ;;
     --) shift; TRAIN_FLAGS=("$@"); break ;;
     *) echo "error: unknown option $1 (see the top of run_all.sh)" >&2; exit 2 ;;
@@ -115,7 +118,7 @@ for dir in "${RUN_DIRS[@]}"; do
 done
 if [ "$stale" = 1 ]; then
   "${EVALUATE[@]}" --models "${RUN_DIRS[@]}" --data $EVAL_DATA --top_k "$TOP_K" --output_dir "$OUTPUT/eval" \
-    --overwrite_output_dir  # stale: a model is newer than the evaluation
+    ${CANDIDATES:+--candidates $CANDIDATES} --overwrite_output_dir  # stale: a model is newer than the evaluation
 else
   echo "== $METRICS: up to date, skipped"
 fi

