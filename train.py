@@ -13,8 +13,8 @@ length, schedule), and Table 4.2 (batch 16, 3 epochs, weight decay 0.01, 1000 wa
     python train.py --model path/to/model --optim lion --train_data ../shared/data/msmarco-sample:train \
         --eval_data ../shared/data/msmarco-sample:test --negatives_per_query 3 --max_steps 60 --warmup_steps 6
 
-Training data (`--train_data`): `sentence-transformers/msmarco` from the hub (default: its triplets, one positive and
-one negative pair each), a local triples file `query<TAB>positive<TAB>negative`, or a local split `DIR:SPLIT`
+Training data (`--train_data`): `sentence-transformers/msmarco` from the hub (default: its first 1 M triplets, one
+positive and one negative pair each, 2 M pairs as in the thesis code), a local triples file `query<TAB>positive<TAB>negative`, or a local split `DIR:SPLIT`
 (positives from the qrels, negatives from the run's other candidates).
 """
 
@@ -71,6 +71,7 @@ from reranker import (
 logger = logging.getLogger("train")
 
 MSMARCO_HUB = "sentence-transformers/msmarco"  # the thesis code's training data: configs triplets, corpus, queries
+HUB_TRAIN_PAIRS = 2_000_000  # the thesis code's dataset_size: its first 1 M triplets (the hub has ~400 M)
 
 
 @dataclass
@@ -88,7 +89,11 @@ class ScriptArguments:
     )
     eval_top_k: int = field(default=100, metadata={"help": "Candidates per validation query to rerank."})
     max_length: int | None = field(default=None, metadata={"help": "Max tokens per pair (preset: 512 or 8192)."})
-    max_train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+    max_train_pairs: int | None = field(
+        default=None,
+        metadata={"help": f"Use at most this many training pairs (default: {HUB_TRAIN_PAIRS:,} of {MSMARCO_HUB}, "
+                          "the thesis code's 1 M triplets; all pairs of other data)."},
+    )  # fmt: skip
     negatives_per_query: int | None = field(
         default=None, metadata={"help": "DIR:SPLIT data: top-ranked non-relevant candidates per query (default all)."}
     )
@@ -238,7 +243,7 @@ def pairs_from_hub(max_pairs=None):
 
 def load_pairs(source, max_pairs=None, negatives_per_query=None):
     if source == MSMARCO_HUB:
-        pairs = pairs_from_hub(max_pairs)
+        pairs = pairs_from_hub(max_pairs or HUB_TRAIN_PAIRS)
     elif Path(source).is_file():
         pairs = pairs_from_triples(source)
     elif ":" in source:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -540,6 +541,26 @@ def test_training_pairs_label_positives_1_and_take_the_best_ranked_unjudged_or_n
     ]  # fmt: skip
     assert len(train.load_pairs(spec)) == 1 + 3  # all negatives: p2, p4, p5
     assert train.load_pairs(spec, max_pairs=2) == [(query, "passage 3", 1.0), (query, "passage 2", 0.0)]
+
+
+def test_hub_pairs_are_the_thesis_codes_first_triplets_with_their_texts(monkeypatch):
+    """sentence-transformers/msmarco (ids only in its triplets): by default the thesis code's first 1 M triplets, as
+    2 M pairs, not all ~400 M. Here the hub is three small datasets and the default is scaled down to 4 pairs."""
+    hub = {
+        "triplets": datasets.Dataset.from_dict(
+            {"query_id": ["7", "8", "9"], "positive_id": ["p1", "p2", "p3"], "negative_id": ["n1", "n2", "n3"]}
+        ),
+        "corpus": datasets.Dataset.from_dict(
+            {"passage_id": ["p1", "p2", "p3", "n1", "n2", "n3"], "passage": ["P1", "P2", "P3", "N1", "N2", "N3"]}
+        ),
+        "queries": datasets.Dataset.from_dict({"query_id": ["9", "8", "7"], "query": ["Q9", "Q8", "Q7"]}),
+    }
+    monkeypatch.setattr(train.datasets, "load_dataset", lambda name, config, split: hub[config])
+    monkeypatch.setattr(train, "HUB_TRAIN_PAIRS", 4)
+
+    assert train.load_pairs(train.MSMARCO_HUB) == [("Q7", "P1", 1.0), ("Q7", "N1", 0.0), ("Q8", "P2", 1.0),
+                                                   ("Q8", "N2", 0.0)]  # fmt: skip
+    assert len(train.load_pairs(train.MSMARCO_HUB, max_pairs=6)) == 6
 
 
 def bad_input_cases(tmp_path):
