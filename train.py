@@ -14,8 +14,9 @@ length, schedule), and Table 4.2 (batch 16, 3 epochs, weight decay 0.01, 1000 wa
         --eval_data ../shared/data/msmarco-sample:test --negatives_per_query 3 --max_steps 60 --warmup_steps 6
 
 Training data (`--train_data`): `sentence-transformers/msmarco` from the hub (default: its first 1 M triplets, one
-positive and one negative pair each, 2 M pairs as in the thesis code), a local triples file `query<TAB>positive<TAB>negative`, or a local split `DIR:SPLIT`
-(positives from the qrels, negatives from the run's other candidates).
+positive and one negative pair each, 2 M pairs as in the thesis code), a local triples file
+`query<TAB>positive<TAB>negative`, or a local split `DIR:SPLIT` (positives from the qrels, negatives from the run's
+other candidates).
 """
 
 import json
@@ -135,7 +136,7 @@ class RerankerTrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(
         default=False,
         metadata={"help": "Every weight of the cross-encoder gets a gradient each step, so multi-GPU DDP need not "
-                          "search the autograd graph for unused ones (the Trainer's default for PreTrainedModels)."},
+                          "search the autograd graph for unused ones at every step (the Trainer's default would)."},
     )  # fmt: skip
     fast_cpu_dropout: bool = field(
         default=True,
