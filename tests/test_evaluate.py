@@ -328,11 +328,12 @@ def test_msmarco_v11_validation_ranks_each_querys_given_passages_in_their_given_
     split = evaluate.load_data("msmarco-v1.1-val", top_k=2)
 
     assert calls == [(("microsoft/ms_marco", "v1.1"), {"split": "validation"})]
-    assert split.queries == {"5": "what is a"}  # query 6 has no selected passage: left out, as MS MARCO's eval does
-    assert split.qrels == {"5": {"5-0": 0, "5-1": 1, "5-2": 0}}
-    assert split.run == {"5": {"5-0": 3.0, "5-1": 2.0}}  # the given order, cut at top_k
-    assert split.corpus == {"5-0": "p0", "5-1": "p1", "5-2": "p2"}
-    assert reranker.evaluate_run(split.qrels, split.run)[0]["RR@10"] == 0.5
+    assert split.queries == {"5": "what is a", "6": "no answer"}
+    assert split.qrels == {"5": {"5-0": 0, "5-1": 1, "5-2": 0}, "6": {"6-0": 0}}
+    assert split.run == {"5": {"5-0": 3.0, "5-1": 2.0}, "6": {"6-0": 1.0}}  # the given order, cut at top_k
+    assert split.corpus == {"5-0": "p0", "5-1": "p1", "5-2": "p2", "6-0": "x"}
+    # query 6, with no selected passage, counts as 0, as in the thesis's mean over all queries: (1/2 + 0) / 2
+    assert reranker.evaluate_run(split.qrels, split.run)[0]["RR@10"] == 0.25
 
 
 def fake_ir_dataset(scores):
