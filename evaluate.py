@@ -52,6 +52,8 @@ from reranker import (
     evaluate_run,
     exit_on_input_error,
     fast_dtype,
+    first_stage_top,
+    is_ranked,
     format_run,
     load_split,
     one_line,
@@ -188,16 +190,8 @@ def load_irds(spec, dataset_id, top_k, with_candidates, candidates=None):
             for scored in dataset.scoreddocs_iter():
                 run.setdefault(scored.query_id, {})[scored.doc_id] = scored.score
         if with_candidates:
-            # MS MARCO's official BM25 top-1000 files (dev, TREC DL) list each query's candidates shuffled, without
-            # scores, and ir_datasets gives them all 0: a set to rerank, not a ranking to cut or to score.
-            ranked = len({score for scores in run.values() for score in scores.values()}) > 1
-            if ranked:
-                run = top_candidates(run, top_k)
-            elif top_k < max(map(len, run.values()), default=0):
-                raise InputError(
-                    f"--top_k {top_k}: the candidates of {spec} come unranked (all scores tie), so a top {top_k} would "
-                    f"be an arbitrary subset; rerank all of them (--top_k 1000) or give ranked ones (--candidates)"
-                )
+            ranked = is_ranked(run)  # the official top-1000 of MS MARCO and TREC DL is not (all scores 0)
+            run = first_stage_top(run, top_k, candidates or spec, "give ranked ones (--candidates SPEC=RUN_FILE)")
             needed = {doc_id for scores in run.values() for doc_id in scores}
             corpus = {doc.doc_id: doc.default_text() for doc in dataset.docs_store().get_many_iter(needed)}
             if candidates and needed - corpus.keys():

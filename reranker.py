@@ -181,6 +181,25 @@ def top_candidates(run, k):
     return {query_id: {doc_id: scores[doc_id] for doc_id in ranking(scores)[:k]} for query_id, scores in run.items()}
 
 
+def is_ranked(run):
+    """False when every score ties: a candidate set, not a ranking. MS MARCO's official BM25 top-1000 files (dev, TREC
+    DL) list each query's candidates shuffled and unscored (ir_datasets scores them all 0); trec_eval would rank
+    such a run by doc id."""
+    return len({score for scores in run.values() for score in scores.values()}) > 1
+
+
+def first_stage_top(run, k, source, instead="give the run real scores"):
+    """`run`'s top `k` per query where it ranks; an unranked run whole, as any top k of it would be arbitrary."""
+    if is_ranked(run):
+        return top_candidates(run, k)
+    if k < max(map(len, run.values()), default=0):
+        raise InputError(
+            f"--top_k {k}: {source} ranks none of its candidates (all scores tie), so a top {k} would be an arbitrary "
+            f"subset; rerank them all (--top_k {max(map(len, run.values()))}) or {instead}"
+        )
+    return run
+
+
 def format_run(run, tag):
     return "".join(
         f"{query_id} Q0 {doc_id} {rank} {run[query_id][doc_id]:.6f} {tag}\n"
@@ -238,7 +257,7 @@ class Split:
     run: dict  # first-stage candidates {query_id: {doc_id: score}}
     corpus: dict  # {doc_id: text}, only the documents the split needs
     name: str
-    ranked: bool = True  # False: the run's scores all tie, so it gives candidates but no ranking of its own
+    ranked: bool = True  # False: the run's scores all tie (is_ranked), so it gives candidates but no ranking
 
 
 def split_paths(spec):
@@ -273,7 +292,7 @@ def load_split(spec, top_k=None, need_qrels_text=False):
     else:  # no first-stage run: BM25 over the whole corpus
         run = bm25_run(read_texts(paths["corpus"], empty_text=True), queries, top_k or BM25_DEPTH)
     if top_k:
-        run = top_candidates(run, top_k)
+        run = first_stage_top(run, top_k, paths["run"])
     needed = {doc_id for scores in run.values() for doc_id in scores}
     if need_qrels_text:
         needed |= {doc_id for judged in qrels.values() for doc_id in judged}
@@ -284,7 +303,7 @@ def load_split(spec, top_k=None, need_qrels_text=False):
                 if doc_id not in corpus:
                     line = _line_of(path, query_id, doc_id)
                     raise InputError(f"{path}:{line}: document {doc_id} not in {paths['corpus']}")
-    return Split(queries, qrels, run, corpus, spec)
+    return Split(queries, qrels, run, corpus, spec, is_ranked(run))
 
 
 def read_topics(paths):

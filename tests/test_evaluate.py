@@ -369,7 +369,7 @@ def test_official_candidates_without_scores_are_reranked_whole_with_no_first_sta
     with pytest.raises(SystemExit) as exit_info:
         run_main(monkeypatch, capsys, *model, "--data", "dl19", "--top_k", "2", "--output_dir", tmp_path / "cut")
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "--top_k 2: the candidates of dl19 come unranked" in error
+    assert exit_info.value.code == 2 and "--top_k 2: dl19 ranks none of its candidates (all scores tie)" in error
 
     printed = run_main(monkeypatch, capsys, *model, "--data", "dl19", "--output_dir", tmp_path / "whole")
     metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
@@ -382,6 +382,21 @@ def test_official_candidates_without_scores_are_reranked_whole_with_no_first_sta
     assert "| BM25 |" in printed  # ranked candidates: a first-stage row, and its top 2 (scores 3 and 2) reranked
     run_file = (tmp_path / "top" / "dl19" / "minilm-seed0.trec").read_text().splitlines()
     assert sorted(line.split()[2] for line in run_file) == ["a", "c", "d", "f"]
+
+
+def test_a_local_run_whose_scores_all_tie_is_a_candidate_set_too(tmp_path):
+    (tmp_path / "corpus.tsv").write_text("a\tcats\nb\tdogs\nc\tbirds\n")
+    (tmp_path / "queries.x.tsv").write_text("q1\tcats\n")
+    (tmp_path / "qrels.x.txt").write_text("q1 0 a 1\n")
+    (tmp_path / "run.x.trec").write_text("q1 Q0 a 1 0 run\nq1 Q0 b 2 0 run\nq1 Q0 c 3 0 run\n")  # ranks, no scores
+
+    split = reranker.load_split(f"{tmp_path}:x", top_k=3)
+    assert not split.ranked and sorted(split.run["q1"]) == ["a", "b", "c"]
+    with pytest.raises(reranker.InputError, match=r"run.x.trec ranks none of its candidates .* \(--top_k 3\)"):
+        reranker.load_split(f"{tmp_path}:x", top_k=2)
+    (tmp_path / "run.x.trec").write_text("q1 Q0 a 1 3 run\nq1 Q0 b 2 2 run\nq1 Q0 c 3 1 run\n")
+    split = reranker.load_split(f"{tmp_path}:x", top_k=2)
+    assert split.ranked and split.run == {"q1": {"a": 3.0, "b": 2.0}}
 
 
 def test_candidates_from_a_ranked_run_file_replace_the_official_ones(minilm_folders, tmp_path, monkeypatch, capsys):
