@@ -92,7 +92,8 @@ class EvaluationArguments:
     )
     models: list[str] = field(
         default_factory=list,
-        metadata={"help": "Cross-encoder folders or hub ids; each is a system named after its folder."},
+        metadata={"help": "Cross-encoder folders or hub ids; each is a system named after its folder (a checkpoint "
+                          "after its run too: runs/minilm-lion/checkpoint-500 is minilm-lion-checkpoint-500)."},
     )
     run: list[str] = field(
         default_factory=list,
@@ -224,6 +225,13 @@ def load_msmarco_v11(top_k):
             qrels.setdefault(query_id, {})[doc_id] = int(selected)
             run.setdefault(query_id, {})[doc_id] = float(len(passages["passage_text"]) - i)  # the given order
     return Split(queries, qrels, top_candidates(run, top_k), corpus, MSMARCO_V11)
+
+
+def system_name(model):
+    """A model's name in the tables and file names: its folder's, and its run's too for a checkpoint, so that the
+    checkpoints of several runs (the thesis reported each run's best epoch) can be evaluated together."""
+    path = Path(model.rstrip("/"))
+    return f"{path.parent.name}-{path.name}" if path.name.startswith("checkpoint-") and path.parent.name else path.name
 
 
 def first_stage_name(spec):
@@ -465,7 +473,7 @@ def main():
     folders = [data_folder(spec) for spec in args.data]
     if len(set(folders)) < len(folders):
         raise InputError(f"each --data writes to a folder named after it, and these clash: {', '.join(folders)}")
-    names = [Path(path).stem for path in args.run] or [Path(model.rstrip("/")).name for model in args.models]
+    names = [Path(path).stem for path in args.run] or [system_name(model) for model in args.models]
     first_stages = set() if args.run else {first_stage_name(spec) for spec, split in splits.items() if split.ranked}
     if len(set(names)) < len(names) or first_stages & set(names):
         raise InputError(f"systems are named after their folders or files, and these clash: {', '.join(names)}")

@@ -753,6 +753,12 @@ def bad_input_results(minilm_folders, tmp_path_factory):
         results[case] = process.returncode, stdout, stderr, output_dir
     return results
 
+def test_systems_are_named_after_their_folders_and_checkpoints_after_their_runs_too():
+    assert evaluate.system_name("runs/minilm-lion/") == "minilm-lion"
+    assert evaluate.system_name("runs/minilm-lion/checkpoint-500") == "minilm-lion-checkpoint-500"
+    assert evaluate.system_name("cross-encoder/ms-marco-MiniLM-L6-v2") == "ms-marco-MiniLM-L6-v2"  # a hub id
+
+
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_prints_one_line_exits_2_and_overwrites_nothing(case, bad_input_results):
