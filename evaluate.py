@@ -451,7 +451,9 @@ def legend(marks, n_systems):
 def main():
     # 1. Arguments, and the process layout (several under `accelerate launch`)
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses()
-    state = PartialState()
+    # Without a GPU, processes started by torchrun form a gloo group only when asked to run on the CPU (as train.py's
+    # use_cpu does); otherwise each would score everything on its own.
+    state = PartialState(cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available())
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if state.is_main_process else logging.WARNING
     )

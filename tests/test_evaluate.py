@@ -626,13 +626,10 @@ def test_two_processes_share_out_the_chunks_a_killed_rerank_left_and_write_the_s
     run_main(monkeypatch, capsys, *args, "--output_dir", tmp_path / "whole")
     killed_at_the_third_chunk(monkeypatch, capsys, *args, "--output_dir", tmp_path / "out")  # 2 chunks saved
 
-    # evaluate.py with the test's chunk size, logging who scores each chunk; PartialState(cpu=True) makes the processes
-    # one gloo group on this GPU-less machine (on GPUs, evaluate.py's own PartialState() finds NCCL)
-    launched = tmp_path / "launched.py"
+    launched = tmp_path / "launched.py"  # evaluate.py with the test's chunk size, logging who scores each chunk
     launched.write_text(f"""import os, sys
 sys.path.insert(0, {str(ROOT)!r})
-import accelerate, evaluate, reranker
-accelerate.PartialState(cpu=True)
+import evaluate, reranker
 reranker.CHUNK_PAIRS = 6
 score = reranker.score_encoded
 def logged(*args, **kwargs):
