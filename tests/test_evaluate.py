@@ -617,8 +617,8 @@ def test_a_rerank_killed_before_its_model_was_retrained_scores_everything_anew(
 def test_two_processes_share_out_the_chunks_a_killed_rerank_left_and_write_the_same_files(
     minilm_folders, tmp_path, monkeypatch, capsys
 ):
-    """`accelerate launch --num_processes 2 evaluate.py` (gloo on the CPU, as NCCL on GPUs) resuming a rerank that
-    one process began: each process scores its share of the chunks still to do, the main one writes."""
+    """`accelerate launch --multi_gpu --num_processes 2 evaluate.py` (torchrun processes in one gloo group here, NCCL
+    on GPUs) resuming a rerank that one process began: each scores its share of the chunks left, the main one writes."""
     needs_data("msmarco-sample")
     monkeypatch.setattr(reranker, "CHUNK_PAIRS", 6)  # 7 chunks, as above
     args = ["--models", minilm_folders[0], "--data", f"{DATA}/msmarco-sample:test-graded", "--top_k", "2"]
