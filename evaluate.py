@@ -53,7 +53,6 @@ from reranker import (
     exit_on_input_error,
     fast_dtype,
     first_stage_top,
-    is_ranked,
     format_run,
     load_split,
     one_line,
@@ -191,8 +190,9 @@ def load_irds(spec, dataset_id, top_k, with_candidates, candidates=None):
             for scored in dataset.scoreddocs_iter():
                 run.setdefault(scored.query_id, {})[scored.doc_id] = scored.score
         if with_candidates:
-            ranked = is_ranked(run)  # the official top-1000 of MS MARCO and TREC DL is not (all scores 0)
-            run = first_stage_top(run, top_k, candidates or spec, "give ranked ones (--candidates SPEC=RUN_FILE)")
+            # the official top-1000 of MS MARCO and TREC DL ranks nothing (all scores 0)
+            instead = "give ranked ones (--candidates SPEC=RUN_FILE)"
+            run, ranked = first_stage_top(run, top_k, candidates or spec, instead)
             needed = {doc_id for scores in run.values() for doc_id in scores}
             corpus = {doc.doc_id: doc.default_text() for doc in dataset.docs_store().get_many_iter(needed)}
             if candidates and needed - corpus.keys():

@@ -189,15 +189,17 @@ def is_ranked(run):
 
 
 def first_stage_top(run, k, source, instead="give the run real scores"):
-    """`run`'s top `k` per query where it ranks; an unranked run whole, as any top k of it would be arbitrary."""
+    """-> (`run`'s top `k` per query, whether `run` ranks at all), judged before the cut: a top 1 may well tie.
+    An unranked run stays whole, as any top k of it would be arbitrary."""
     if is_ranked(run):
-        return top_candidates(run, k)
-    if k < max(map(len, run.values()), default=0):
+        return top_candidates(run, k), True
+    most = max(map(len, run.values()), default=0)
+    if k < most:
         raise InputError(
             f"--top_k {k}: {source} ranks none of its candidates (all scores tie), so a top {k} would be an arbitrary "
-            f"subset; rerank them all (--top_k {max(map(len, run.values()))}) or {instead}"
+            f"subset; rerank them all (--top_k {most}) or {instead}"
         )
-    return run
+    return run, False
 
 
 def format_run(run, tag):
@@ -291,8 +293,7 @@ def load_split(spec, top_k=None, need_qrels_text=False):
                 raise InputError(f"{paths['run']}:{line}: query {query_id} not in {paths['queries']}")
     else:  # no first-stage run: BM25 over the whole corpus
         run = bm25_run(read_texts(paths["corpus"], empty_text=True), queries, top_k or BM25_DEPTH)
-    if top_k:
-        run = first_stage_top(run, top_k, paths["run"])
+    run, ranked = first_stage_top(run, top_k, paths["run"]) if top_k else (run, is_ranked(run))
     needed = {doc_id for scores in run.values() for doc_id in scores}
     if need_qrels_text:
         needed |= {doc_id for judged in qrels.values() for doc_id in judged}
@@ -303,7 +304,7 @@ def load_split(spec, top_k=None, need_qrels_text=False):
                 if doc_id not in corpus:
                     line = _line_of(path, query_id, doc_id)
                     raise InputError(f"{path}:{line}: document {doc_id} not in {paths['corpus']}")
-    return Split(queries, qrels, run, corpus, spec, is_ranked(run))
+    return Split(queries, qrels, run, corpus, spec, ranked)
 
 
 def read_topics(paths):

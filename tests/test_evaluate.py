@@ -397,6 +397,7 @@ def test_a_local_run_whose_scores_all_tie_is_a_candidate_set_too(tmp_path):
     (tmp_path / "run.x.trec").write_text("q1 Q0 a 1 3 run\nq1 Q0 b 2 2 run\nq1 Q0 c 3 1 run\n")
     split = reranker.load_split(f"{tmp_path}:x", top_k=2)
     assert split.ranked and split.run == {"q1": {"a": 3.0, "b": 2.0}}
+    assert reranker.load_split(f"{tmp_path}:x", top_k=1).ranked  # a single top document ties with nothing: ranked
 
 
 def test_candidates_from_a_ranked_run_file_replace_the_official_ones(minilm_folders, tmp_path, monkeypatch, capsys):
