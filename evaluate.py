@@ -48,6 +48,7 @@ from transformers.utils.hub import cached_file
 from reranker import (
     InputError,
     Split,
+    cpu_only,
     default_measures,
     evaluate_run,
     exit_on_input_error,
@@ -453,7 +454,7 @@ def main():
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses()
     # Without a GPU, processes started by torchrun form a gloo group only when asked to run on the CPU (as train.py's
     # use_cpu does); otherwise each would score everything on its own.
-    state = PartialState(cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available())
+    state = PartialState(cpu=cpu_only())
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if state.is_main_process else logging.WARNING
     )

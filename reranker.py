@@ -342,6 +342,12 @@ def scores_from_logits(logits):
 PAD_MULTIPLE = 16  # bf16 matrix units (AMX tiles, tensor cores) work in blocks of 16: padding to it is faster
 
 
+def cpu_only():
+    """No CUDA GPU and no Apple GPU: the scripts ask accelerate for the CPU (for several processes a gloo group; for
+    the Trainer, --bf16 as CPU autocast)."""
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
 def fast_dtype(device):
     """bf16 where the hardware multiplies it fast (CUDA GPUs with bf16, CPUs with AMX), else fp32."""
     device = torch.device(device)

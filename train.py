@@ -55,6 +55,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from reranker import (
     PRESETS,
     InputError,
+    cpu_only,
     evaluate_run,
     exit_on_input_error,
     keep_freed_memory,
@@ -174,7 +175,7 @@ def parse_args(argv):
     }
     if first.eval_data:
         defaults["eval_strategy"] = "epoch"
-    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+    if cpu_only():
         defaults["use_cpu"] = True  # CPU only: lets --bf16 run (as autocast; fast on CPUs with AMX)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     if deepspeed and torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not first.fp16:
@@ -222,7 +223,7 @@ def pairs_from_triples(path):
     return pairs
 
 
-def pairs_from_hub(max_pairs=None):
+def pairs_from_hub(max_pairs):
     """The thesis's data: sentence-transformers/msmarco triplets of ids, with the texts of its corpus and queries."""
     try:
         with quiet_downloads():
@@ -231,8 +232,7 @@ def pairs_from_hub(max_pairs=None):
             queries = datasets.load_dataset(MSMARCO_HUB, "queries", split="train")
     except OSError as error:  # offline: ConnectionError
         raise InputError(f"{MSMARCO_HUB}: cannot load it from the hub: {one_line(error)}") from None
-    if max_pairs:
-        triplets = triplets.select(range(min(len(triplets), math.ceil(max_pairs / 2))))
+    triplets = triplets.select(range(min(len(triplets), math.ceil(max_pairs / 2))))
     passage = dict(zip(corpus["passage_id"], corpus["passage"]))
     query = dict(zip(queries["query_id"], queries["query"]))
     pairs = []
