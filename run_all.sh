@@ -2,14 +2,15 @@
 # The thesis's study in one command: {minilm,gte,modernbert} x {adamw,lion} trained on MS MARCO, each model
 # evaluated on TREC DL 2019 and MS MARCO dev by reranking BM25 top-1000, then the results table and figures.
 #
-#   bash run_all.sh                                   # the full grid on the local GPUs (all of them)
+#   bash run_all.sh                                   # the full grid on the local GPUs (one run per GPU at a time)
 #   bash run_all.sh --models "minilm" --seeds "1 2 3" -- --max_train_pairs 200000
 #   bash run_all.sh --demo                            # offline, on a CPU, in minutes (what `make demo` runs)
 #
-# Options: --models "..." --optims "..." --seeds "..." --output DIR --candidates "SPEC=RUN_FILE ..." --demo; everything
-# after `--` goes to train.py.
-# Re-running skips what is finished (a run with its final model, an evaluation newer than every model) and resumes
-# an interrupted training run from its last checkpoint.
+# Options: --models "..." --optims "..." --seeds "..." --gpus "0 1 ..." --output DIR --candidates "SPEC=RUN_FILE ..."
+# --demo; everything after `--` goes to train.py.
+# Each run trains on one GPU with the thesis's batch of 16, and several GPUs train several runs at once (DDP over N
+# GPUs would make the batch 16 N, another experiment). Re-running skips what is finished (a run with its final
+# model, an evaluation newer than every model) and resumes an interrupted training run from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,6 +21,7 @@ OUTPUT="results"
 EVAL_DATA="dl19 dev-small msmarco-v1.1-val"  # msmarco-v1.1-val: the protocol of the thesis's MRR@10 column
 TOP_K=1000                              # BM25 candidates reranked per query
 CANDIDATES=""                           # "dl19=FILE ...": ranked candidates instead of the official set (evaluate.py)
+GPUS=""                                 # the GPUs to use, e.g. "0 1" (default: every visible one)
 TRAIN_FLAGS=()                          # extra train.py flags (after --)
 DEMO=0
 PYTHON="${PYTHON:-python}"
@@ -31,19 +33,26 @@ while [ $# -gt 0 ]; do
     --seeds) SEEDS="$2"; shift 2 ;;
     --output) OUTPUT="$2"; shift 2 ;;
     --candidates) CANDIDATES="$2"; shift 2 ;;
+    --gpus) GPUS="$2"; shift 2 ;;
     --demo) DEMO=1; shift ;;
     --) shift; TRAIN_FLAGS=("$@"); break ;;
     *) echo "error: unknown option $1 (see the top of run_all.sh)" >&2; exit 2 ;;
   esac
 done
 
-GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
-if [ "$GPUS" -gt 0 ]; then
-  TRAIN=(accelerate launch --config_file accelerate_config.yaml --num_processes "$GPUS" train.py)
-  EVALUATE=(accelerate launch --num_processes "$GPUS" evaluate.py)
+if [ -z "$GPUS" ]; then  # every visible GPU, named as CUDA_VISIBLE_DEVICES names them
+  n_gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+  IFS=, read -ra visible <<< "${CUDA_VISIBLE_DEVICES:-}"
+  for ((i = 0; i < n_gpus; i++)); do GPUS+=" ${visible[$i]:-$i}"; done
+fi
+IFS=", " read -ra GPU_IDS <<< "$GPUS"
+if [ "${#GPU_IDS[@]}" -gt 0 ]; then
+  ALL_GPUS=$(IFS=,; echo "${GPU_IDS[*]}")
+  TRAIN=(accelerate launch --config_file accelerate_config.yaml --num_processes 1)  # + a port per GPU
+  EVALUATE=(env CUDA_VISIBLE_DEVICES="$ALL_GPUS" accelerate launch --num_processes "${#GPU_IDS[@]}")
 else
-  TRAIN=("$PYTHON" train.py)
-  EVALUATE=("$PYTHON" evaluate.py)
+  TRAIN=("$PYTHON")
+  EVALUATE=("$PYTHON")
 fi
 COMMON_FLAGS=()
 
@@ -76,8 +85,28 @@ run_dir() {  # run_dir MODEL OPTIM SEED -> results/runs/<model>-<optim>[-seed<N>
   echo "$OUTPUT/runs/$name"
 }
 
-# 1. Train every configuration (skipped when its final model exists, resumed when it has a checkpoint)
-RUN_DIRS=()
+# 1. Train every configuration (skipped when its final model exists, resumed when it has a checkpoint), each on one
+# GPU; with several GPUs, one run per GPU at a time, each run's output in $OUTPUT/logs/.
+exec 3>&1  # the status lines go to the terminal, whichever way a run's output goes
+train_one() {  # train_one DIR MODEL OPTIM SEED SLOT: SLOT indexes GPU_IDS
+  local dir=$1 model=$2 optim=$3 seed=$4 slot=$5 resume=() launch=("${TRAIN[@]}") where=""
+  if [ "${#GPU_IDS[@]}" -gt 0 ]; then  # a port per GPU: runs side by side must not share one
+    launch=(env CUDA_VISIBLE_DEVICES="${GPU_IDS[$slot]}" "${TRAIN[@]}" --main_process_port $((29500 + slot)))
+    where=" on GPU ${GPU_IDS[$slot]}"
+  fi
+  if compgen -G "$dir/checkpoint-*" > /dev/null; then
+    resume=(--resume_from_checkpoint true); echo "== $dir: resuming$where" >&3
+  elif [ -d "$dir" ]; then
+    resume=(--overwrite_output_dir); echo "== $dir: no checkpoint, starting over$where" >&3
+  else
+    echo "== $dir: training$where" >&3
+  fi
+  "${launch[@]}" train.py --model "$model" --optim "$optim" --seed "$seed" --output_dir "$dir" \
+    --run_name "$(basename "$dir")" --report_to "$REPORT_TO" ${COMMON_FLAGS[@]+"${COMMON_FLAGS[@]}"} \
+    ${resume[@]+"${resume[@]}"} ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
+}
+
+RUN_DIRS=() TODO_DIRS=() TODO_MODELS=() TODO_OPTIMS=() TODO_SEEDS=()
 for model in $MODELS; do
   for optim in $OPTIMS; do
     for seed in $SEEDS; do
@@ -85,22 +114,52 @@ for model in $MODELS; do
       RUN_DIRS+=("$dir")
       if [ -f "$dir/model.safetensors" ]; then
         echo "== $dir: finished, skipped"
-        continue
-      fi
-      resume=()
-      if compgen -G "$dir/checkpoint-*" > /dev/null; then
-        resume=(--resume_from_checkpoint true); echo "== $dir: resuming"
-      elif [ -d "$dir" ]; then
-        resume=(--overwrite_output_dir); echo "== $dir: no checkpoint, starting over"
       else
-        echo "== $dir: training"
+        TODO_DIRS+=("$dir") TODO_MODELS+=("$model") TODO_OPTIMS+=("$optim") TODO_SEEDS+=("$seed")
       fi
-      "${TRAIN[@]}" --model "$model" --optim "$optim" --seed "$seed" --output_dir "$dir" --run_name "$(basename "$dir")" \
-        --report_to "$REPORT_TO" ${COMMON_FLAGS[@]+"${COMMON_FLAGS[@]}"} ${resume[@]+"${resume[@]}"} \
-        ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
     done
   done
 done
+if [ "${#GPU_IDS[@]}" -le 1 ] || [ "${#TODO_DIRS[@]}" -le 1 ]; then  # one run after another, its output here
+  for i in "${!TODO_DIRS[@]}"; do
+    train_one "${TODO_DIRS[$i]}" "${TODO_MODELS[$i]}" "${TODO_OPTIMS[$i]}" "${TODO_SEEDS[$i]}" 0
+  done
+else  # a worker per GPU takes the next run nobody has taken (mkdir is atomic); a failed run stops no other
+  QUEUE=$(mktemp -d)
+  WORKERS=()
+  stop_workers() {  # each worker is a process group of its own (set -m): Ctrl-C or a kill stops its training too
+    for pid in "${WORKERS[@]}"; do kill -TERM -- "-$pid" 2> /dev/null || true; done
+    rm -rf "$QUEUE"
+    echo "== stopped; run it again to resume" >&2
+    exit 130
+  }
+  trap stop_workers INT TERM
+  mkdir -p "$OUTPUT/logs"
+  set -m
+  for slot in "${!GPU_IDS[@]}"; do
+    (
+      for i in "${!TODO_DIRS[@]}"; do
+        mkdir "$QUEUE/$i" 2> /dev/null || continue
+        log="$OUTPUT/logs/$(basename "${TODO_DIRS[$i]}").log"
+        if ! train_one "${TODO_DIRS[$i]}" "${TODO_MODELS[$i]}" "${TODO_OPTIMS[$i]}" "${TODO_SEEDS[$i]}" "$slot" >> "$log" 2>&1
+        then
+          echo "== ${TODO_DIRS[$i]}: failed, see $log" >&3
+          echo "${TODO_DIRS[$i]}" >> "$QUEUE/failed"
+        fi
+      done
+    ) &
+    WORKERS+=($!)
+  done
+  set +m
+  wait
+  trap - INT TERM
+  if [ -s "$QUEUE/failed" ]; then
+    echo "error: $(wc -l < "$QUEUE/failed") run(s) failed, not evaluated: $(paste -sd ' ' "$QUEUE/failed")" >&2
+    rm -rf "$QUEUE"
+    exit 1
+  fi
+  rm -rf "$QUEUE"
+fi
 
 # The demo's "untrained" row: the same backbone with a fresh (seeded) head, to show what training adds.
 if [ "$DEMO" = 1 ]; then
@@ -117,7 +176,7 @@ for dir in "${RUN_DIRS[@]}"; do
   [ "$METRICS" -nt "$dir/model.safetensors" ] || stale=1
 done
 if [ "$stale" = 1 ]; then
-  "${EVALUATE[@]}" --models "${RUN_DIRS[@]}" --data $EVAL_DATA --top_k "$TOP_K" --output_dir "$OUTPUT/eval" \
+  "${EVALUATE[@]}" evaluate.py --models "${RUN_DIRS[@]}" --data $EVAL_DATA --top_k "$TOP_K" --output_dir "$OUTPUT/eval" \
     ${CANDIDATES:+--candidates $CANDIDATES} --overwrite_output_dir  # stale: a model is newer than the evaluation
 else
   echo "== $METRICS: up to date, skipped"

@@ -1,5 +1,6 @@
 """run_all.sh --demo, shortened by pass-through train.py flags: the same code path ends with a table and figures, a
-second run skips the finished work, a third resumes or restarts interrupted runs and re-evaluates their models."""
+second run skips the finished work, a third resumes or restarts interrupted runs, side by side as on two GPUs, and
+re-evaluates their models; a fourth has one run fail and the other finish."""
 
 import json
 import os
@@ -13,12 +14,44 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_all(output, *extra):
+# `accelerate launch` as run_all.sh calls it on a GPU machine, stood in for on the CPU: it notes the call and runs the
+# script in one process.
+FAKE_ACCELERATE = """#!/usr/bin/env bash
+call="CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*"
+echo "start $(date +%s.%N) $call" >> "$LAUNCHES"
+while [[ "$1" != *.py ]]; do shift; done
+"$PYTHON" "$@"
+status=$?
+echo "end $(date +%s.%N) $call" >> "$LAUNCHES"
+exit $status
+"""
+
+
+def run_all(output, *extra, gpus=None):
     env = {**os.environ, "PYTHON": os.environ.get("PYTHON", str(Path(os.sys.executable)))}
+    flags = []
+    if gpus:  # GPUs that a fake accelerate launcher "runs on"
+        bin_dir = output.parent / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        (bin_dir / "accelerate").write_text(FAKE_ACCELERATE)
+        (bin_dir / "accelerate").chmod(0o755)
+        env.update(PATH=f"{bin_dir}:{env['PATH']}", LAUNCHES=str(output.parent / "launches.txt"))
+        flags = ["--gpus", gpus]
     return subprocess.run(
-        ["bash", "run_all.sh", "--demo", "--output", str(output), "--", *extra],
+        ["bash", "run_all.sh", "--demo", "--output", str(output), *flags, "--", *extra],
         cwd=REPO, capture_output=True, text=True, env=env,
     )  # fmt: skip
+
+
+def launches(path):
+    """The fake launcher's notes -> {output_dir or script: (start, end, CUDA_VISIBLE_DEVICES, arguments)}."""
+    calls = {}
+    for line in path.read_text().splitlines():
+        event, time, devices, *args = line.split()
+        key = args[args.index("--output_dir") + 1] if "train.py" in args else next(a for a in args if a.endswith(".py"))
+        start, end, _, _ = calls.get(key, (None, None, None, None))
+        calls[key] = (float(time), end, devices, args) if event == "start" else (start, float(time), devices, args)
+    return calls
 
 
 def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resumes_interrupted_runs(tmp_path):
@@ -51,13 +84,39 @@ def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resume
     (adamw / "model.safetensors").unlink()
     for checkpoint in adamw.glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
-    third = run_all(output, *short)
+    third = run_all(output, *short, gpus="0 1")
     assert third.returncode == 0, third.stderr[-3000:]
-    assert f"== {lion}: resuming" in third.stdout and f"== {adamw}: no checkpoint, starting over" in third.stdout
+    assert f"== {lion}: resuming on GPU " in third.stdout
+    assert f"== {adamw}: no checkpoint, starting over on GPU " in third.stdout
     assert json.loads((lion / "trainer_state.json").read_text())["global_step"] == 4  # resumed: no 5th step
     for run in (adamw, lion):
         assert load_file(run / "model.safetensors").keys() == weights[run].keys()
         assert all(torch.equal(load_file(run / "model.safetensors")[k], v) for k, v in weights[run].items())
+        log = (output / "logs" / f"{run.name}.log").read_text()  # each run's output in its own log, not here
+        assert "optimizer stepping" in log and "optimizer stepping" not in third.stdout + third.stderr
+    # One run per GPU, side by side: each its own GPU and port, one process (the thesis's batch of 16 on one GPU)
+    calls = launches(output.parent / "launches.txt")
+    (a_start, a_end, a_gpu, a_args), (l_start, l_end, l_gpu, l_args) = calls[str(adamw)], calls[str(lion)]
+    assert {a_gpu, l_gpu} == {"CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"}
+    assert a_start < l_end and l_start < a_end  # they overlapped
+    port = lambda args: args[args.index("--main_process_port") + 1]  # noqa: E731
+    assert port(a_args) != port(l_args)
+    assert a_args[a_args.index("--num_processes") + 1] == l_args[l_args.index("--num_processes") + 1] == "1"
+    _, _, eval_gpus, eval_args = calls["evaluate.py"]  # evaluation on every GPU
+    assert eval_gpus == "CUDA_VISIBLE_DEVICES=0,1" and eval_args[eval_args.index("--num_processes") + 1] == "2"
     assert "up to date, skipped" not in third.stdout
     assert (output / "eval" / "metrics.json").stat().st_mtime_ns > before[-1]
     assert (output / "table.md").read_text() == table  # the same models give the same numbers
+
+    # A run that fails stops no other, and nothing is evaluated: exit 1, naming it
+    evaluated = (output / "eval" / "metrics.json").stat().st_mtime_ns
+    (adamw / "model.safetensors").unlink()  # resumes at its last step: saves its model again
+    (lion / "model.safetensors").unlink()
+    for checkpoint in lion.glob("checkpoint-*"):
+        (checkpoint / "trainer_state.json").write_text("not json")
+    fourth = run_all(output, *short, gpus="0 1")
+    assert fourth.returncode == 1
+    assert f"== {lion}: failed, see {output / 'logs' / lion.name}.log" in fourth.stdout
+    assert fourth.stderr.strip().splitlines()[-1] == f"error: 1 run(s) failed, not evaluated: {lion}"
+    assert (adamw / "model.safetensors").is_file() and not (lion / "model.safetensors").exists()
+    assert (output / "eval" / "metrics.json").stat().st_mtime_ns == evaluated
