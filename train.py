@@ -14,15 +14,16 @@ length, schedule), and Table 4.2 (batch 16, 3 epochs, weight decay 0.01, 1000 wa
         --eval_data ../shared/data/msmarco-sample:test --negatives_per_query 3 --max_steps 60 --warmup_steps 6
 
 Training data (`--train_data`): `sentence-transformers/msmarco` from the hub (default: its first 1 M triplets, one
-positive and one negative pair each, 2 M pairs as in the thesis code), a local triples file
-`query<TAB>positive<TAB>negative`, or a local split `DIR:SPLIT` (positives from the qrels, negatives from the run's
-other candidates).
+positive and one negative pair each, 2 M pairs as in the thesis code, which held out 10,000 of them for the evaluation
+loss), a local triples file `query<TAB>positive<TAB>negative`, or a local split `DIR:SPLIT` (positives from the
+qrels, negatives from the run's other candidates).
 """
 
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
@@ -74,6 +75,8 @@ logger = logging.getLogger("train")
 
 MSMARCO_HUB = "sentence-transformers/msmarco"  # the thesis code's training data: configs triplets, corpus, queries
 HUB_TRAIN_PAIRS = 2_000_000  # the thesis code's dataset_size: its first 1 M triplets (the hub has ~400 M)
+HUB_EVAL_PAIRS = 10_000  # the thesis code's train_test_split(test_size=10_000) of those pairs: its evaluation loss
+EVAL_PAIRS_STEPS = 0.05  # held-out pairs are cheap to evaluate: every 5% of the run, a curve of 20 points
 
 
 @dataclass
@@ -90,6 +93,12 @@ class ScriptArguments:
         default=None, metadata={"help": "Validation split DIR:SPLIT: reranked at each evaluation (MRR@10, nDCG@10)."}
     )
     eval_top_k: int = field(default=100, metadata={"help": "Candidates per validation query to rerank."})
+    eval_pairs: int | None = field(
+        default=None,
+        metadata={"help": f"Hold out this many training pairs (drawn with --seed) and log their BCE loss as eval_loss "
+                          f"every 5% of the run (default: {HUB_EVAL_PAIRS:,} of {MSMARCO_HUB} without --eval_data, "
+                          "as the thesis code held out; else none). Not with --eval_data."},
+    )  # fmt: skip
     max_length: int | None = field(default=None, metadata={"help": "Max tokens per pair (preset: 512 or 8192)."})
     max_train_pairs: int | None = field(
         default=None,
@@ -107,8 +116,9 @@ class ScriptArguments:
         for name in ("eval_top_k", "max_length", "max_train_pairs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"--{name} must be at least 1")
-        if self.negatives_per_query is not None and self.negatives_per_query < 0:
-            raise InputError("--negatives_per_query must be 0 or more")
+        for name in ("negatives_per_query", "eval_pairs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise InputError(f"--{name} must be 0 or more")
 
 
 @dataclass
@@ -173,8 +183,16 @@ def parse_args(argv):
         "output_dir": f"runs/{run_name}",
         "run_name": run_name,
     }
+    if first.eval_data and first.eval_pairs:
+        raise InputError("--eval_pairs and --eval_data: one validation set at a time")
+    eval_pairs = first.eval_pairs
+    if eval_pairs is None:
+        eval_pairs = HUB_EVAL_PAIRS if first.train_data == MSMARCO_HUB and not first.eval_data else 0
+    defaults["eval_pairs"] = eval_pairs
     if first.eval_data:
         defaults["eval_strategy"] = "epoch"
+    elif eval_pairs:
+        defaults.update(eval_strategy="steps", eval_steps=EVAL_PAIRS_STEPS)
     if cpu_only():
         defaults["use_cpu"] = True  # CPU only: lets --bf16 run (as autocast; fast on CPUs with AMX)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
@@ -185,11 +203,14 @@ def parse_args(argv):
         script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # TrainingArguments' own checks of flag combinations
         raise InputError(str(error).splitlines()[0]) from None
-    if training_args.eval_strategy != "no" and not script_args.eval_data:
-        raise InputError(f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data (a DIR:SPLIT)")
+    if training_args.eval_strategy != "no" and not (script_args.eval_data or script_args.eval_pairs):
+        raise InputError(
+            f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data (a DIR:SPLIT) or --eval_pairs"
+        )
     metric = training_args.metric_for_best_model
-    if metric and metric.removeprefix("eval_") not in ("loss", "mrr@10", "ndcg@10"):
-        raise InputError(f"--metric_for_best_model {metric}: not one of loss, mrr@10, ndcg@10")
+    metrics = ("loss", "mrr@10", "ndcg@10") if script_args.eval_data else ("loss",)  # held-out pairs: a loss only
+    if metric and metric.removeprefix("eval_") not in metrics:
+        raise InputError(f"--metric_for_best_model {metric}: not one of {', '.join(metrics)}")
     return script_args, training_args, preset
 
 
@@ -256,6 +277,15 @@ def load_pairs(source, max_pairs=None, negatives_per_query=None):
     return pairs[:max_pairs] if max_pairs else pairs
 
 
+def hold_out(pairs, n, seed):
+    """-> (the training pairs, `n` others drawn at random for the evaluation loss), as the thesis code's
+    train_test_split(test_size=10_000) held them out; the pairs keep their order."""
+    if n >= len(pairs):
+        raise InputError(f"--eval_pairs {n}: the training data has only {len(pairs)} pairs")
+    held_out = set(random.Random(seed).sample(range(len(pairs)), n))
+    return [p for i, p in enumerate(pairs) if i not in held_out], [pairs[i] for i in sorted(held_out)]
+
+
 def tokenize_pairs(pairs, tokenizer, max_length):
     """Tokenize once; padding happens per batch in the collator."""
     dataset = datasets.Dataset.from_dict(
@@ -281,9 +311,14 @@ def validation_set(spec, top_k, tokenizer, max_length):
         raise InputError(f"{spec}: no query with candidates is judged in its qrels")
     pairs = [(split.queries[q], split.corpus[d], float(split.qrels[q].get(d, 0) >= rel)) for q, d in keys]
     dataset = tokenize_pairs(pairs, tokenizer, max_length)
-    lengths = [len(ids) for ids in dataset["input_ids"]]  # one column read, not one row read per pair
-    order = sorted(range(len(keys)), key=lengths.__getitem__)
+    order = length_order(dataset)
     return dataset.select(order), [keys[i] for i in order], split.qrels
+
+
+def length_order(dataset):
+    """Row indices shortest first: evaluation batches of similar lengths pad little."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]  # one column read, not one row read per pair
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
 
 
 def rerank_metrics(keys, qrels):
@@ -557,14 +592,20 @@ def main(argv=None):
     # 3. Data: tokenized once, padded per batch.
     with training_args.main_process_first(desc="training data"):
         pairs = load_pairs(script_args.train_data, script_args.max_train_pairs, script_args.negatives_per_query)
-        train_dataset = tokenize_pairs(pairs, tokenizer, script_args.max_length)
         eval_dataset, compute_metrics = None, None
+        if script_args.eval_pairs:  # the evaluation loss on pairs held out of the training data
+            seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+            pairs, held_out = hold_out(pairs, script_args.eval_pairs, seed)
+            eval_dataset = tokenize_pairs(held_out, tokenizer, script_args.max_length)
+            eval_dataset = eval_dataset.select(length_order(eval_dataset))
+        train_dataset = tokenize_pairs(pairs, tokenizer, script_args.max_length)
         if script_args.eval_data:
             eval_dataset, keys, qrels = validation_set(
                 script_args.eval_data, script_args.eval_top_k, tokenizer, script_args.max_length
             )
             compute_metrics = rerank_metrics(keys, qrels)
-    logger.info("%d training pairs (%d positive)", len(pairs), sum(label > 0 for _, _, label in pairs))
+    logger.info("%d training pairs (%d positive)%s", len(pairs), sum(label > 0 for _, _, label in pairs),
+                f", {script_args.eval_pairs} held out for the evaluation loss" if script_args.eval_pairs else "")
 
     # 4. The resolved configuration, next to the checkpoints.
     if training_args.process_index == 0:

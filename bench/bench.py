@@ -60,7 +60,7 @@ def ours_training(model_path, pairs, steps, bf16, tmp, optim="adamw", flags=()):
     script_args, args, _ = train.parse_args(
         ["--model", model_path, "--optim", *optim.split(), "--max_steps", str(steps), "--warmup_steps", "1",
          "--max_length", str(MAX_LENGTH), "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1000",
-         "--output_dir", str(tmp / "ours"), "--bf16", str(bf16), "--disable_tqdm", "true", *flags]
+         "--output_dir", str(tmp / "ours"), "--bf16", str(bf16), "--disable_tqdm", "true", "--eval_pairs", "0", *flags]
     )  # fmt: skip
     model, tokenizer = train.load_model(model_path)
     dataset = train.tokenize_pairs(pairs, tokenizer, MAX_LENGTH)

@@ -40,7 +40,8 @@ def tiny_dataset(tokenizer, labels):
 
 def make_trainer(model_path, tmp_path, argv=(), labels=(1.0, 0.0) * 8):
     script_args, training_args, preset = train.parse_args(
-        ["--model", str(model_path), "--output_dir", str(tmp_path / "out"), "--report_to", "none", *argv]
+        ["--model", str(model_path), "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--eval_pairs", "0",
+         *argv]
     )
     model, tokenizer = train.load_model(preset.model_name_or_path)
     return train.RerankerTrainer(
@@ -599,7 +600,10 @@ def test_bad_input_gets_a_one_line_error_and_exit_code_2(minilm, tmp_path, case)
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--eval_strategy", "steps"], "--eval_strategy steps needs --eval_data"),
+        (["--train_data", "t.tsv", "--eval_strategy", "steps"], "--eval_strategy steps needs --eval_data"),
+        (["--eval_pairs", "5", "--eval_data", "x:y"], "--eval_pairs and --eval_data: one validation set at a time"),
+        (["--eval_pairs", "5", "--metric_for_best_model", "mrr@10"], "mrr@10: not one of loss$"),
+        (["--eval_pairs", "-1"], "--eval_pairs must be 0 or more"),
         (["--eval_data", "x:y", "--metric_for_best_model", "ndcg"], "ndcg: not one of loss, mrr@10, ndcg@10"),
         (["--max_length", "0"], "--max_length must be at least 1"),
         (["--max_train_pairs", "0"], "--max_train_pairs must be at least 1"),
@@ -722,3 +726,49 @@ def test_load_best_model_at_end_keeps_the_checkpoint_with_the_best_validation_mr
     for name in best:
         torch.testing.assert_close(final[name], best[name], rtol=0, atol=0, msg=name)
     assert json.loads((out / "eval_results.json").read_text())["eval_mrr@10"] == pytest.approx(mrr[best_step])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The thesis's evaluation loss: pairs held out of the training data (its train_test_split(test_size=10_000)).
+
+
+def test_the_hub_data_holds_out_the_thesis_codes_10000_pairs_for_an_evaluation_loss():
+    script_args, training_args, _ = train.parse_args([])  # sentence-transformers/msmarco
+    assert script_args.eval_pairs == 10_000
+    assert (training_args.eval_strategy, training_args.eval_steps) == ("steps", 0.05)  # 20 points a run
+    script_args, training_args, _ = train.parse_args(["--eval_data", "x:y"])  # a reranked validation split instead
+    assert (script_args.eval_pairs, training_args.eval_strategy) == (0, "epoch")
+    script_args, training_args, _ = train.parse_args(["--train_data", "t.tsv"])  # local data: none unless asked
+    assert (script_args.eval_pairs, training_args.eval_strategy) == (0, "no")
+
+    pairs = [(f"q{i}", f"p{i}", float(i % 2)) for i in range(10)]
+    kept, held_out = train.hold_out(pairs, 3, seed=42)
+    assert len(kept) == 7 and len(held_out) == 3 and sorted(kept + held_out) == sorted(pairs)
+    assert kept == [pair for pair in pairs if pair not in held_out]  # in their order
+    assert train.hold_out(pairs, 3, seed=42) == (kept, held_out)
+    assert {train.hold_out(pairs, 3, seed)[1][0] for seed in range(10)} != {held_out[0]}  # drawn from the seed
+    with pytest.raises(InputError, match="--eval_pairs 10: the training data has only 10 pairs"):
+        train.hold_out(pairs, 10, seed=42)
+
+
+@needs_data
+def test_the_evaluation_loss_is_the_bce_of_the_model_on_pairs_it_never_trained_on(minilm, tmp_path, caplog):
+    out, spec = tmp_path / "out", f"{DATA}/msmarco-sample:train"
+    with caplog.at_level("INFO", logger="train"):
+        train.main(["--model", minilm, "--train_data", spec, "--negatives_per_query", "1", "--eval_pairs", "12",
+                    "--max_steps", "40", "--warmup_steps", "1", "--max_length", "96", "--save_strategy", "no",
+                    "--output_dir", str(out), "--report_to", "none"])  # fmt: skip
+    pairs = train.load_pairs(spec, negatives_per_query=1)
+    kept, held_out = train.hold_out(pairs, 12, seed=42)
+    assert f"{len(kept)} training pairs" in caplog.text and len(kept) == len(pairs) - 12
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "eval_loss" in e] == list(range(2, 41, 2))
+
+    model, tokenizer = AutoModelForSequenceClassification.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    batch = tokenizer([q for q, _, _ in held_out], [p for _, p, _ in held_out], truncation=True, max_length=96,
+                      padding=True, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        logits = model(**batch).logits.reshape(-1)
+    labels = torch.tensor([label for _, _, label in held_out])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
+    assert json.loads((out / "eval_results.json").read_text())["eval_loss"] == pytest.approx(expected, abs=1e-5)
