@@ -96,7 +96,7 @@ class ScriptArguments:
     eval_pairs: int | None = field(
         default=None,
         metadata={"help": f"Hold out this many training pairs (drawn with --seed) and log their BCE loss as eval_loss "
-                          f"every 5% of the run (default: {HUB_EVAL_PAIRS:,} of {MSMARCO_HUB} without --eval_data, "
+                          f"every 5%% of the run (default: {HUB_EVAL_PAIRS:,} of {MSMARCO_HUB} without --eval_data, "
                           "as the thesis code held out; else none). Not with --eval_data."},
     )  # fmt: skip
     max_length: int | None = field(default=None, metadata={"help": "Max tokens per pair (preset: 512 or 8192)."})
