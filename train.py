@@ -77,6 +77,7 @@ MSMARCO_HUB = "sentence-transformers/msmarco"  # the thesis code's training data
 HUB_TRAIN_PAIRS = 2_000_000  # the thesis code's dataset_size: its first 1 M triplets (the hub has ~400 M)
 HUB_EVAL_PAIRS = 10_000  # the thesis code's train_test_split(test_size=10_000) of those pairs: its evaluation loss
 EVAL_PAIRS_STEPS = 0.05  # held-out pairs are cheap to evaluate: every 5% of the run, a curve of 20 points
+HOLD_OUT_SEED = 0  # the same held-out pairs for every run, whatever its --seed, so their evaluation losses compare
 
 
 @dataclass
@@ -95,7 +96,7 @@ class ScriptArguments:
     eval_top_k: int = field(default=100, metadata={"help": "Candidates per validation query to rerank."})
     eval_pairs: int | None = field(
         default=None,
-        metadata={"help": f"Hold out this many training pairs (drawn with --seed) and log their BCE loss as eval_loss "
+        metadata={"help": f"Hold out this many training pairs (the same for every --seed) and log their BCE loss as eval_loss "
                           f"every 5%% of the run (default: {HUB_EVAL_PAIRS:,} of {MSMARCO_HUB} without --eval_data, "
                           "as the thesis code held out; else none). Not with --eval_data."},
     )  # fmt: skip
@@ -277,7 +278,7 @@ def load_pairs(source, max_pairs=None, negatives_per_query=None):
     return pairs[:max_pairs] if max_pairs else pairs
 
 
-def hold_out(pairs, n, seed):
+def hold_out(pairs, n, seed=HOLD_OUT_SEED):
     """-> (the training pairs, `n` others drawn at random for the evaluation loss), as the thesis code's
     train_test_split(test_size=10_000) held them out; the pairs keep their order."""
     if n >= len(pairs):
@@ -594,8 +595,7 @@ def main(argv=None):
         pairs = load_pairs(script_args.train_data, script_args.max_train_pairs, script_args.negatives_per_query)
         eval_dataset, compute_metrics = None, None
         if script_args.eval_pairs:  # the evaluation loss on pairs held out of the training data
-            seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-            pairs, held_out = hold_out(pairs, script_args.eval_pairs, seed)
+            pairs, held_out = hold_out(pairs, script_args.eval_pairs)
             eval_dataset = tokenize_pairs(held_out, tokenizer, script_args.max_length)
             eval_dataset = eval_dataset.select(length_order(eval_dataset))
         train_dataset = tokenize_pairs(pairs, tokenizer, script_args.max_length)

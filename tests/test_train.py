@@ -770,9 +770,9 @@ def test_the_evaluation_loss_is_the_bce_of_the_model_on_pairs_it_never_trained_o
     with caplog.at_level("INFO", logger="train"):
         train.main(["--model", minilm, "--train_data", spec, "--negatives_per_query", "1", "--eval_pairs", "12",
                     "--max_steps", "40", "--warmup_steps", "1", "--max_length", "96", "--save_strategy", "no",
-                    "--output_dir", str(out), "--report_to", "none"])  # fmt: skip
+                    "--output_dir", str(out), "--report_to", "none", "--seed", "7"])  # fmt: skip
     pairs = train.load_pairs(spec, negatives_per_query=1)
-    kept, held_out = train.hold_out(pairs, 12, seed=42)
+    kept, held_out = train.hold_out(pairs, 12)  # whatever the run's --seed
     assert f"{len(kept)} training pairs" in caplog.text and len(kept) == len(pairs) - 12
     state = json.loads((out / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "eval_loss" in e] == list(range(2, 41, 2))
