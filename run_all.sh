@@ -46,13 +46,16 @@ if [ -z "$GPUS" ]; then  # every visible GPU, named as CUDA_VISIBLE_DEVICES name
   for ((i = 0; i < n_gpus; i++)); do GPUS+=" ${visible[$i]:-$i}"; done
 fi
 IFS=", " read -ra GPU_IDS <<< "$GPUS"
+# Each run trains on one GPU, as the thesis code did: the Trainer with its bf16 autocast (`bf16=True` there) where the
+# GPU has bf16. DeepSpeed ZeRO-2 (accelerate_config.yaml) shares one run's optimizer state between GPUs: on one GPU
+# it has nothing to share, and it would step Lion on its flat buffers, 8-bit state for every tensor.
+PRECISION=()
+EVALUATE=("$PYTHON")
 if [ "${#GPU_IDS[@]}" -gt 0 ]; then
   ALL_GPUS=$(IFS=,; echo "${GPU_IDS[*]}")
-  TRAIN=(accelerate launch --config_file accelerate_config.yaml --num_processes 1)  # + a port per GPU
   EVALUATE=(env CUDA_VISIBLE_DEVICES="$ALL_GPUS" accelerate launch --num_processes "${#GPU_IDS[@]}")
-else
-  TRAIN=("$PYTHON")
-  EVALUATE=("$PYTHON")
+  bf16=$("$PYTHON" -c "import torch; print(torch.cuda.is_available() and torch.cuda.is_bf16_supported())")
+  [ "$bf16" = True ] && PRECISION=(--bf16 true)
 fi
 COMMON_FLAGS=()
 
@@ -89,9 +92,9 @@ run_dir() {  # run_dir MODEL OPTIM SEED -> results/runs/<model>-<optim>[-seed<N>
 # GPU; with several GPUs, one run per GPU at a time, each run's output in $OUTPUT/logs/.
 exec 3>&1  # the status lines go to the terminal, whichever way a run's output goes
 train_one() {  # train_one DIR MODEL OPTIM SEED SLOT: SLOT indexes GPU_IDS
-  local dir=$1 model=$2 optim=$3 seed=$4 slot=$5 resume=() launch=("${TRAIN[@]}") where=""
-  if [ "${#GPU_IDS[@]}" -gt 0 ]; then  # a port per GPU: runs side by side must not share one
-    launch=(env CUDA_VISIBLE_DEVICES="${GPU_IDS[$slot]}" "${TRAIN[@]}" --main_process_port $((29500 + slot)))
+  local dir=$1 model=$2 optim=$3 seed=$4 slot=$5 resume=() launch=("$PYTHON") where=""
+  if [ "${#GPU_IDS[@]}" -gt 0 ]; then
+    launch=(env CUDA_VISIBLE_DEVICES="${GPU_IDS[$slot]}" "$PYTHON")
     where=" on GPU ${GPU_IDS[$slot]}"
   fi
   if compgen -G "$dir/checkpoint-*" > /dev/null; then
@@ -102,8 +105,8 @@ train_one() {  # train_one DIR MODEL OPTIM SEED SLOT: SLOT indexes GPU_IDS
     echo "== $dir: training$where" >&3
   fi
   "${launch[@]}" train.py --model "$model" --optim "$optim" --seed "$seed" --output_dir "$dir" \
-    --run_name "$(basename "$dir")" --report_to "$REPORT_TO" ${COMMON_FLAGS[@]+"${COMMON_FLAGS[@]}"} \
-    ${resume[@]+"${resume[@]}"} ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
+    --run_name "$(basename "$dir")" --report_to "$REPORT_TO" ${PRECISION[@]+"${PRECISION[@]}"} \
+    ${COMMON_FLAGS[@]+"${COMMON_FLAGS[@]}"} ${resume[@]+"${resume[@]}"} ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
 }
 
 RUN_DIRS=() TODO_DIRS=() TODO_MODELS=() TODO_OPTIMS=() TODO_SEEDS=()

@@ -19,11 +19,10 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'dat
 python3 bench/gpu.py --tokenizer .gpu/tokenizer "$@" 2>&1 | grep -vE "it/s\]|s/it\]|^\s*$|Warning|warn\("
 [ "${1:-}" = --rerank_only ] && exit 0
 echo
-echo "## train.py, 100 steps of MiniLM-L12 with Lion 8-bit in bf16: DeepSpeed ZeRO-2 on one GPU (as run_all.sh"
-echo "## launches each run), then plain python (autocast)"
+echo "## train.py, 100 steps of MiniLM-L12 with Lion 8-bit in bf16: DeepSpeed ZeRO-2 on one GPU, then plain"
+echo "## python with autocast (as run_all.sh trains each run)"
 flags=(--model .gpu/minilm --optim lion --lion_bits 8 --train_data data/demo:train --negatives_per_query 4
        --max_steps 100 --warmup_steps 2 --logging_steps 25 --save_strategy no --report_to none --disable_tqdm true)
 keep() { grep -E "optimizer stepping|'loss'|train_runtime|rror" | grep -v "^\[" | cut -c1-300; }
-accelerate launch --config_file accelerate_config.yaml --num_processes 1 --main_process_port 29511 train.py \
-  "${flags[@]}" --output_dir /tmp/ds-run 2>&1 | keep
+accelerate launch --config_file accelerate_config.yaml train.py "${flags[@]}" --output_dir /tmp/ds-run 2>&1 | keep
 python3 train.py "${flags[@]}" --bf16 true --output_dir /tmp/plain-run 2>&1 | keep

@@ -14,28 +14,33 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-# `accelerate launch` as run_all.sh calls it on a GPU machine, stood in for on the CPU: it notes the call and runs the
-# script in one process.
-FAKE_ACCELERATE = """#!/usr/bin/env bash
-call="CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*"
-echo "start $(date +%s.%N) $call" >> "$LAUNCHES"
-while [[ "$1" != *.py ]]; do shift; done
-"$PYTHON" "$@"
+# On "GPUs" here: python that notes each script it runs (start, end, CUDA_VISIBLE_DEVICES, arguments), and
+# `accelerate launch` that notes its own arguments and runs the script in one process of that python.
+LOGGED_PYTHON = """#!/usr/bin/env bash
+[[ "${1:-}" == *.py ]] && echo "start $(date +%s.%N) CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*" >> "$LAUNCHES"
+"$REAL_PYTHON" "$@"
 status=$?
-echo "end $(date +%s.%N) $call" >> "$LAUNCHES"
+[[ "${1:-}" == *.py ]] && echo "end $(date +%s.%N) CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*" >> "$LAUNCHES"
 exit $status
+"""
+FAKE_ACCELERATE = """#!/usr/bin/env bash
+echo "accelerate $*" >> "$LAUNCHES"
+while [[ "$1" != *.py ]]; do shift; done
+exec "$PYTHON" "$@"
 """
 
 
 def run_all(output, *extra, gpus=None):
     env = {**os.environ, "PYTHON": os.environ.get("PYTHON", str(Path(os.sys.executable)))}
     flags = []
-    if gpus:  # GPUs that a fake accelerate launcher "runs on"
+    if gpus:
         bin_dir = output.parent / "bin"
         bin_dir.mkdir(exist_ok=True)
-        (bin_dir / "accelerate").write_text(FAKE_ACCELERATE)
-        (bin_dir / "accelerate").chmod(0o755)
-        env.update(PATH=f"{bin_dir}:{env['PATH']}", LAUNCHES=str(output.parent / "launches.txt"))
+        for name, text in [("python", LOGGED_PYTHON), ("accelerate", FAKE_ACCELERATE)]:
+            (bin_dir / name).write_text(text)
+            (bin_dir / name).chmod(0o755)
+        env.update(PATH=f"{bin_dir}:{env['PATH']}", LAUNCHES=str(output.parent / "launches.txt"),
+                   REAL_PYTHON=env["PYTHON"], PYTHON=str(bin_dir / "python"))  # fmt: skip
         flags = ["--gpus", gpus]
     return subprocess.run(
         ["bash", "run_all.sh", "--demo", "--output", str(output), *flags, "--", *extra],
@@ -44,14 +49,18 @@ def run_all(output, *extra, gpus=None):
 
 
 def launches(path):
-    """The fake launcher's notes -> {output_dir or script: (start, end, CUDA_VISIBLE_DEVICES, arguments)}."""
-    calls = {}
+    """The notes of LOGGED_PYTHON -> {output_dir or script: (start, end, CUDA_VISIBLE_DEVICES, arguments)}, and the
+    argument lists accelerate was launched with."""
+    calls, accelerate = {}, []
     for line in path.read_text().splitlines():
+        if line.startswith("accelerate "):
+            accelerate.append(line.split()[1:])
+            continue
         event, time, devices, *args = line.split()
         key = args[args.index("--output_dir") + 1] if "train.py" in args else next(a for a in args if a.endswith(".py"))
         start, end, _, _ = calls.get(key, (None, None, None, None))
         calls[key] = (float(time), end, devices, args) if event == "start" else (start, float(time), devices, args)
-    return calls
+    return calls, accelerate
 
 
 def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resumes_interrupted_runs(tmp_path):
@@ -94,16 +103,15 @@ def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resume
         assert all(torch.equal(load_file(run / "model.safetensors")[k], v) for k, v in weights[run].items())
         log = (output / "logs" / f"{run.name}.log").read_text()  # each run's output in its own log, not here
         assert "optimizer stepping" in log and "optimizer stepping" not in third.stdout + third.stderr
-    # One run per GPU, side by side: each its own GPU and port, one process (the thesis's batch of 16 on one GPU)
-    calls = launches(output.parent / "launches.txt")
-    (a_start, a_end, a_gpu, a_args), (l_start, l_end, l_gpu, l_args) = calls[str(adamw)], calls[str(lion)]
+    # One run per GPU, side by side, each one process of train.py (the thesis's batch of 16 on one GPU); evaluation
+    # shared out over both GPUs by accelerate
+    calls, accelerate = launches(output.parent / "launches.txt")
+    (a_start, a_end, a_gpu, _), (l_start, l_end, l_gpu, _) = calls[str(adamw)], calls[str(lion)]
     assert {a_gpu, l_gpu} == {"CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"}
     assert a_start < l_end and l_start < a_end  # they overlapped
-    port = lambda args: args[args.index("--main_process_port") + 1]  # noqa: E731
-    assert port(a_args) != port(l_args)
-    assert a_args[a_args.index("--num_processes") + 1] == l_args[l_args.index("--num_processes") + 1] == "1"
-    _, _, eval_gpus, eval_args = calls["evaluate.py"]  # evaluation on every GPU
-    assert eval_gpus == "CUDA_VISIBLE_DEVICES=0,1" and eval_args[eval_args.index("--num_processes") + 1] == "2"
+    assert calls["evaluate.py"][2] == "CUDA_VISIBLE_DEVICES=0,1"
+    [eval_launch] = accelerate  # train.py runs without a launcher
+    assert eval_launch[:3] == ["launch", "--num_processes", "2"] and "evaluate.py" in eval_launch
     assert "up to date, skipped" not in third.stdout
     assert (output / "eval" / "metrics.json").stat().st_mtime_ns > before[-1]
     assert (output / "table.md").read_text() == table  # the same models give the same numbers

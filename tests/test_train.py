@@ -673,8 +673,7 @@ def test_a_non_empty_output_dir_is_not_overwritten_unless_asked(minilm, tmp_path
 @needs_data
 def test_deepspeed_zero2_steps_our_lion_under_accelerate_launch(minilm, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
-         "--num_processes", "1", "--main_process_port", "29517", "train.py",  # as run_all.sh launches each run
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml", "train.py",
          "--model", minilm, "--optim", "lion", "--train_data", f"{DATA}/msmarco-sample:train",
          "--negatives_per_query", "1", "--max_steps", "2", "--warmup_steps", "1", "--max_length", "64",
          "--report_to", "none", "--use_cpu", "true", "--output_dir", str(tmp_path / "ds")],
