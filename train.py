@@ -550,6 +550,14 @@ def resume_checkpoint(training_args):
     return value
 
 
+def warn_if_no_gpu_where_one_was_named(training_args):
+    """A GPU named in CUDA_VISIBLE_DEVICES that torch cannot see (a wrong id, a CPU build of torch) would leave a run
+    training on the CPU for days without a word."""
+    named = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if training_args.use_cpu and named not in ("", "-1") and not torch.cuda.is_available():
+        logger.warning("CUDA_VISIBLE_DEVICES=%s names a GPU, but torch sees none: training on the CPU", named)
+
+
 def configure_wandb(training_args):
     """With report_to wandb but no account configured, log offline instead of failing."""
     if "wandb" not in (training_args.report_to or []):
@@ -585,6 +593,7 @@ def main(argv=None):
     checkpoint = resume_checkpoint(training_args)
     prepare_output_dir(script_args, training_args, resuming=checkpoint is not None)
     configure_wandb(training_args)
+    warn_if_no_gpu_where_one_was_named(training_args)
 
     # 2. Model and tokenizer (seeded first: the new classification head is drawn from the RNG).
     set_seed(training_args.seed)

@@ -684,6 +684,16 @@ def test_deepspeed_zero2_steps_our_lion_under_accelerate_launch(minilm, tmp_path
     assert json.loads((tmp_path / "ds" / "trainer_state.json").read_text())["global_step"] == 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_a_gpu_named_but_not_seen_is_warned_about(monkeypatch, caplog):
+    _, training_args, _ = train.parse_args([])  # no GPU seen: the CPU
+    for visible, warned in [("3", True), ("", False), ("-1", False)]:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        caplog.clear()
+        train.warn_if_no_gpu_where_one_was_named(training_args)
+        assert ("CUDA_VISIBLE_DEVICES=3 names a GPU, but torch sees none" in caplog.text) == warned
+
+
 @needs_data
 def test_report_to_wandb_without_an_account_logs_offline_and_never_fails(minilm, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
