@@ -96,9 +96,9 @@ class ScriptArguments:
     eval_top_k: int = field(default=100, metadata={"help": "Candidates per validation query to rerank."})
     eval_pairs: int | None = field(
         default=None,
-        metadata={"help": f"Hold out this many training pairs (the same for every --seed) and log their BCE loss as eval_loss "
-                          f"every 5%% of the run (default: {HUB_EVAL_PAIRS:,} of {MSMARCO_HUB} without --eval_data, "
-                          "as the thesis code held out; else none). Not with --eval_data."},
+        metadata={"help": f"Hold out this many training pairs (the same for every --seed) and log their BCE loss as "
+                          f"eval_loss every 5%% of the run (default: {HUB_EVAL_PAIRS:,} of {MSMARCO_HUB} without "
+                          "--eval_data, as the thesis code held out; else none). Not with --eval_data."},
     )  # fmt: skip
     max_length: int | None = field(default=None, metadata={"help": "Max tokens per pair (preset: 512 or 8192)."})
     max_train_pairs: int | None = field(
@@ -282,7 +282,7 @@ def hold_out(pairs, n, seed=HOLD_OUT_SEED):
     """-> (the training pairs, `n` others drawn at random for the evaluation loss), as the thesis code's
     train_test_split(test_size=10_000) held them out; the pairs keep their order."""
     if n >= len(pairs):
-        raise InputError(f"--eval_pairs {n}: the training data has only {len(pairs)} pairs")
+        raise InputError(f"--eval_pairs {n}: the training data has only {len(pairs)} pairs; hold out fewer (0: none)")
     held_out = set(random.Random(seed).sample(range(len(pairs)), n))
     return [p for i, p in enumerate(pairs) if i not in held_out], [pairs[i] for i in sorted(held_out)]
 
