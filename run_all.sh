@@ -40,8 +40,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+# One look at the GPUs: how many torch sees, and whether they do bf16
+gpu_probe=$("$PYTHON" -c "import torch
+print(torch.cuda.device_count(), torch.cuda.is_available() and torch.cuda.is_bf16_supported())")
+read -r n_gpus bf16 <<< "$gpu_probe"
 if [ -z "$GPUS" ]; then  # every visible GPU, named as CUDA_VISIBLE_DEVICES names them
-  n_gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
   IFS=, read -ra visible <<< "${CUDA_VISIBLE_DEVICES:-}"
   for ((i = 0; i < n_gpus; i++)); do GPUS+=" ${visible[$i]:-$i}"; done
 fi
@@ -54,7 +57,6 @@ EVALUATE=("$PYTHON")
 if [ "${#GPU_IDS[@]}" -gt 0 ]; then
   ALL_GPUS=$(IFS=,; echo "${GPU_IDS[*]}")
   EVALUATE=(env CUDA_VISIBLE_DEVICES="$ALL_GPUS" accelerate launch --num_processes "${#GPU_IDS[@]}")
-  bf16=$("$PYTHON" -c "import torch; print(torch.cuda.is_available() and torch.cuda.is_bf16_supported())")
   [ "$bf16" = True ] && PRECISION=(--bf16 true)
 fi
 COMMON_FLAGS=()
@@ -91,8 +93,9 @@ run_dir() {  # run_dir MODEL OPTIM SEED -> results/runs/<model>-<optim>[-seed<N>
 # 1. Train every configuration (skipped when its final model exists, resumed when it has a checkpoint), each on one
 # GPU; with several GPUs, one run per GPU at a time, each run's output in $OUTPUT/logs/.
 exec 3>&1  # the status lines go to the terminal, whichever way a run's output goes
-train_one() {  # train_one DIR MODEL OPTIM SEED SLOT: SLOT indexes GPU_IDS
-  local dir=$1 model=$2 optim=$3 seed=$4 slot=$5 resume=() launch=("$PYTHON") where=""
+train_one() {  # train_one I SLOT: the I-th run left to train, on GPU_IDS[SLOT]
+  local dir=${TODO_DIRS[$1]} model=${TODO_MODELS[$1]} optim=${TODO_OPTIMS[$1]} seed=${TODO_SEEDS[$1]} slot=$2
+  local resume=() launch=("$PYTHON") where=""
   if [ "${#GPU_IDS[@]}" -gt 0 ]; then
     launch=(env CUDA_VISIBLE_DEVICES="${GPU_IDS[$slot]}" "$PYTHON")
     where=" on GPU ${GPU_IDS[$slot]}"
@@ -125,7 +128,7 @@ for model in $MODELS; do
 done
 if [ "${#GPU_IDS[@]}" -le 1 ] || [ "${#TODO_DIRS[@]}" -le 1 ]; then  # one run after another, its output here
   for i in "${!TODO_DIRS[@]}"; do
-    train_one "${TODO_DIRS[$i]}" "${TODO_MODELS[$i]}" "${TODO_OPTIMS[$i]}" "${TODO_SEEDS[$i]}" 0
+    train_one "$i" 0
   done
 else  # a worker per GPU takes the next run nobody has taken (mkdir is atomic); a failed run stops no other
   QUEUE=$(mktemp -d)
@@ -144,8 +147,7 @@ else  # a worker per GPU takes the next run nobody has taken (mkdir is atomic); 
       for i in "${!TODO_DIRS[@]}"; do
         mkdir "$QUEUE/$i" 2> /dev/null || continue
         log="$OUTPUT/logs/$(basename "${TODO_DIRS[$i]}").log"
-        if ! train_one "${TODO_DIRS[$i]}" "${TODO_MODELS[$i]}" "${TODO_OPTIMS[$i]}" "${TODO_SEEDS[$i]}" "$slot" >> "$log" 2>&1
-        then
+        if ! train_one "$i" "$slot" >> "$log" 2>&1; then
           echo "== ${TODO_DIRS[$i]}: failed, see $log" >&3
           echo "${TODO_DIRS[$i]}" >> "$QUEUE/failed"
         fi
