@@ -131,6 +131,10 @@ if [ "${#GPU_IDS[@]}" -le 1 ] || [ "${#TODO_DIRS[@]}" -le 1 ]; then  # one run a
     train_one "$i" 0
   done
 else  # a worker per GPU takes the next run nobody has taken (mkdir is atomic); a failed run stops no other
+  # Longest runs first, so the last to start is a short one (on 4 GPUs the thesis grid ends after ~10 h, not ~13):
+  # a rank by one H100's training pairs/s (bench/RESULTS.md: ModernBERT 215, GTE 334, MiniLM 394); other models first.
+  rank() { case "$1" in modernbert) echo 1 ;; gte) echo 2 ;; minilm) echo 3 ;; *) echo 0 ;; esac; }
+  ORDER=$(for i in "${!TODO_DIRS[@]}"; do echo "$(rank "${TODO_MODELS[$i]}") $i"; done | sort -s -n -k1,1 | cut -d" " -f2)
   QUEUE=$(mktemp -d)
   WORKERS=()
   stop_workers() {  # each worker is a process group of its own (set -m): Ctrl-C or a kill stops its training too
@@ -144,7 +148,7 @@ else  # a worker per GPU takes the next run nobody has taken (mkdir is atomic); 
   set -m
   for slot in "${!GPU_IDS[@]}"; do
     (
-      for i in "${!TODO_DIRS[@]}"; do
+      for i in $ORDER; do
         mkdir "$QUEUE/$i" 2> /dev/null || continue
         log="$OUTPUT/logs/$(basename "${TODO_DIRS[$i]}").log"
         if ! train_one "$i" "$slot" >> "$log" 2>&1; then

@@ -128,3 +128,37 @@ def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resume
     assert fourth.stderr.strip().splitlines()[-1] == f"error: 1 run(s) failed, not evaluated: {lion}"
     assert (adamw / "model.safetensors").is_file() and not (lion / "model.safetensors").exists()
     assert (output / "eval" / "metrics.json").stat().st_mtime_ns == evaluated
+
+
+def test_several_gpus_start_the_longest_runs_first(tmp_path):
+    """Longest processing time first: ModernBERT's runs, then GTE's, then MiniLM's, so the last to start is short.
+    Here train.py only notes that it ran (and takes a second, so the two workers' notes keep the queue's order)."""
+    bin_dir, output = tmp_path / "bin", tmp_path / "grid"
+    bin_dir.mkdir()
+    noting_python = """#!/usr/bin/env bash
+case "${1:-}" in
+  train.py) args=("$@"); for i in "${!args[@]}"; do [ "${args[$i]}" = --output_dir ] && dir=${args[$((i + 1))]}; done
+            echo "$(basename "$dir") CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES" >> "$LAUNCHES"; sleep 1 ;;
+  *.py) ;;
+  *) exec "$REAL_PYTHON" "$@" ;;
+esac
+"""
+    for name, text in [("python", noting_python), ("accelerate", FAKE_ACCELERATE)]:
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LAUNCHES": str(tmp_path / "launches.txt"),
+           "REAL_PYTHON": os.sys.executable, "PYTHON": str(bin_dir / "python")}  # fmt: skip
+    done = subprocess.run(
+        ["bash", "run_all.sh", "--models", "minilm gte modernbert", "--output", str(output), "--gpus", "0 1"],
+        cwd=REPO, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    notes = (tmp_path / "launches.txt").read_text().splitlines()
+    started = [line.split() for line in notes if not line.startswith("accelerate ")]
+    assert [run.rsplit("-", 1)[0] for run, _ in started] == ["modernbert"] * 2 + ["gte"] * 2 + ["minilm"] * 2
+    assert {run for run, _ in started} == {f"{m}-{o}" for m in ("minilm", "gte", "modernbert") for o in ("adamw", "lion")}
+    assert {gpu for _, gpu in started[:2]} == {"CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"}
+    [evaluation] = [line for line in notes if line.startswith("accelerate ")]  # the table keeps the order asked for
+    assert [Path(m).name for m in evaluation.split("--models ")[1].split(" --")[0].split()] == [
+        f"{m}-{o}" for m in ("minilm", "gte", "modernbert") for o in ("adamw", "lion")
+    ]
