@@ -52,11 +52,16 @@ IFS=", " read -ra GPU_IDS <<< "$GPUS"
 # Each run trains on one GPU, as the thesis code did: the Trainer with its bf16 autocast (`bf16=True` there) where the
 # GPU has bf16. DeepSpeed ZeRO-2 (accelerate_config.yaml) shares one run's optimizer state between GPUs: on one GPU
 # it has nothing to share, and it would step Lion on its flat buffers, 8-bit state for every tensor.
+# Evaluation shares the queries out over the GPUs (`accelerate launch`); on one, plain python keeps its errors to
+# one line with exit code 2 (the launcher would add a traceback and exit 1).
 PRECISION=()
 EVALUATE=("$PYTHON")
 if [ "${#GPU_IDS[@]}" -gt 0 ]; then
   ALL_GPUS=$(IFS=,; echo "${GPU_IDS[*]}")
-  EVALUATE=(env CUDA_VISIBLE_DEVICES="$ALL_GPUS" accelerate launch --num_processes "${#GPU_IDS[@]}")
+  EVALUATE=(env CUDA_VISIBLE_DEVICES="$ALL_GPUS" "$PYTHON")
+  if [ "${#GPU_IDS[@]}" -gt 1 ]; then
+    EVALUATE=(env CUDA_VISIBLE_DEVICES="$ALL_GPUS" accelerate launch --num_processes "${#GPU_IDS[@]}")
+  fi
   [ "$bf16" = True ] && PRECISION=(--bf16 true)
 fi
 COMMON_FLAGS=()

@@ -130,35 +130,58 @@ def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resume
     assert (output / "eval" / "metrics.json").stat().st_mtime_ns == evaluated
 
 
-def test_several_gpus_start_the_longest_runs_first(tmp_path):
-    """Longest processing time first: ModernBERT's runs, then GTE's, then MiniLM's, so the last to start is short.
-    Here train.py only notes that it ran (and takes a second, so the two workers' notes keep the queue's order)."""
-    bin_dir, output = tmp_path / "bin", tmp_path / "grid"
-    bin_dir.mkdir()
-    noting_python = """#!/usr/bin/env bash
+# python that only notes what it runs (a run's name, or a script's) with CUDA_VISIBLE_DEVICES; a run takes a second,
+# so that two workers' notes keep the order in which they took their runs
+NOTING_PYTHON = """#!/usr/bin/env bash
 case "${1:-}" in
   train.py) args=("$@"); for i in "${!args[@]}"; do [ "${args[$i]}" = --output_dir ] && dir=${args[$((i + 1))]}; done
             echo "$(basename "$dir") CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES" >> "$LAUNCHES"; sleep 1 ;;
-  *.py) ;;
+  *.py) echo "$1 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}" >> "$LAUNCHES" ;;
   *) exec "$REAL_PYTHON" "$@" ;;
 esac
 """
-    for name, text in [("python", noting_python), ("accelerate", FAKE_ACCELERATE)]:
+
+
+def noted_grid(tmp_path, models, gpus):
+    """run_all.sh's grid of `models` x {adamw, lion} on stand-in `gpus` -> the notes of NOTING_PYTHON and accelerate."""
+    bin_dir, notes = tmp_path / "bin", tmp_path / "launches.txt"
+    bin_dir.mkdir(exist_ok=True)
+    notes.unlink(missing_ok=True)
+    for name, text in [("python", NOTING_PYTHON), ("accelerate", FAKE_ACCELERATE)]:
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LAUNCHES": str(tmp_path / "launches.txt"),
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LAUNCHES": str(notes),
            "REAL_PYTHON": os.sys.executable, "PYTHON": str(bin_dir / "python")}  # fmt: skip
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    output = tmp_path / f"grid-{gpus.replace(' ', '-')}"
     done = subprocess.run(
-        ["bash", "run_all.sh", "--models", "minilm gte modernbert", "--output", str(output), "--gpus", "0 1"],
+        ["bash", "run_all.sh", "--models", models, "--output", str(output), "--gpus", gpus],
         cwd=REPO, capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    notes = (tmp_path / "launches.txt").read_text().splitlines()
-    started = [line.split() for line in notes if not line.startswith("accelerate ")]
-    assert [run.rsplit("-", 1)[0] for run, _ in started] == ["modernbert"] * 2 + ["gte"] * 2 + ["minilm"] * 2
-    assert {run for run, _ in started} == {f"{m}-{o}" for m in ("minilm", "gte", "modernbert") for o in ("adamw", "lion")}
-    assert {gpu for _, gpu in started[:2]} == {"CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"}
+    return notes.read_text().splitlines()
+
+
+def test_several_gpus_start_the_longest_runs_first_and_share_out_the_evaluation(tmp_path):
+    """Longest processing time first: ModernBERT's runs, then GTE's, then MiniLM's, so the last to start is short."""
+    notes = noted_grid(tmp_path, "minilm gte modernbert", "0 1")
+    runs = [line.split() for line in notes if "-" in line.split()[0] and not line.startswith("accelerate ")]
+    assert [run.rsplit("-", 1)[0] for run, _ in runs] == ["modernbert"] * 2 + ["gte"] * 2 + ["minilm"] * 2
+    grid = [f"{m}-{o}" for m in ("minilm", "gte", "modernbert") for o in ("adamw", "lion")]
+    assert sorted(run for run, _ in runs) == sorted(grid)
+    assert {gpu for _, gpu in runs[:2]} == {"CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"}
     [evaluation] = [line for line in notes if line.startswith("accelerate ")]  # the table keeps the order asked for
-    assert [Path(m).name for m in evaluation.split("--models ")[1].split(" --")[0].split()] == [
-        f"{m}-{o}" for m in ("minilm", "gte", "modernbert") for o in ("adamw", "lion")
+    assert evaluation.startswith("accelerate launch --num_processes 2 evaluate.py ")
+    assert [Path(m).name for m in evaluation.split("--models ")[1].split(" --")[0].split()] == grid
+    assert "evaluate.py CUDA_VISIBLE_DEVICES=0,1" in notes
+
+
+def test_one_gpu_trains_and_evaluates_without_a_launcher(tmp_path):
+    """On one GPU evaluate.py runs as plain python too: an input error stays one line with exit code 2."""
+    notes = noted_grid(tmp_path, "minilm", "3")
+    assert notes == [
+        "minilm-adamw CUDA_VISIBLE_DEVICES=3",
+        "minilm-lion CUDA_VISIBLE_DEVICES=3",
+        "evaluate.py CUDA_VISIBLE_DEVICES=3",
+        "report.py CUDA_VISIBLE_DEVICES=",
     ]
