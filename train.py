@@ -98,7 +98,8 @@ class ScriptArguments:
         default=None,
         metadata={"help": f"Hold out this many training pairs (the same for every --seed) and log their BCE loss as "
                           f"eval_loss every 5%% of the run (default: {HUB_EVAL_PAIRS:,} of {MSMARCO_HUB} without "
-                          "--eval_data, as the thesis code held out; else none). Not with --eval_data."},
+                          "--eval_data, as the thesis code held out, at most a tenth of --max_train_pairs; else "
+                          "none). Not with --eval_data."},
     )  # fmt: skip
     max_length: int | None = field(default=None, metadata={"help": "Max tokens per pair (preset: 512 or 8192)."})
     max_train_pairs: int | None = field(
@@ -187,8 +188,10 @@ def parse_args(argv):
     if first.eval_data and first.eval_pairs:
         raise InputError("--eval_pairs and --eval_data: one validation set at a time")
     eval_pairs = first.eval_pairs
-    if eval_pairs is None:
-        eval_pairs = HUB_EVAL_PAIRS if first.train_data == MSMARCO_HUB and not first.eval_data else 0
+    if eval_pairs is None and first.train_data == MSMARCO_HUB and not first.eval_data:
+        # the thesis code's 10,000, but at most a tenth of the pairs, so a short run (--max_train_pairs 5000) trains
+        eval_pairs = min(HUB_EVAL_PAIRS, (first.max_train_pairs or HUB_TRAIN_PAIRS) // 10)
+    eval_pairs = eval_pairs or 0
     defaults["eval_pairs"] = eval_pairs
     if first.eval_data:
         defaults["eval_strategy"] = "epoch"

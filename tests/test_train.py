@@ -758,6 +758,11 @@ def test_the_hub_data_holds_out_the_thesis_codes_10000_pairs_for_an_evaluation_l
     script_args, training_args, _ = train.parse_args([])  # sentence-transformers/msmarco
     assert script_args.eval_pairs == 10_000
     assert (training_args.eval_strategy, training_args.eval_steps) == ("steps", 0.05)  # 20 points a run
+    for max_pairs, held_out in [(100_000, 10_000), (99_999, 9_999), (5_000, 500), (9, 0)]:  # a tenth at most
+        script_args, training_args, _ = train.parse_args(["--max_train_pairs", str(max_pairs)])
+        assert (script_args.eval_pairs, training_args.eval_strategy == "steps") == (held_out, held_out > 0)
+    script_args, _, _ = train.parse_args(["--max_train_pairs", "5000", "--eval_pairs", "4999"])  # asked: as asked
+    assert script_args.eval_pairs == 4999
     script_args, training_args, _ = train.parse_args(["--eval_data", "x:y"])  # a reranked validation split instead
     assert (script_args.eval_pairs, training_args.eval_strategy) == (0, "epoch")
     script_args, training_args, _ = train.parse_args(["--train_data", "t.tsv"])  # local data: none unless asked
