@@ -40,9 +40,16 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# One look at the GPUs: how many torch sees, and whether they do bf16
-gpu_probe=$("$PYTHON" -c "import torch
-print(torch.cuda.device_count(), torch.cuda.is_available() and torch.cuda.is_bf16_supported())")
+# One look at the GPUs: how many torch sees, and whether they do bf16 (a python without torch: one line, exit 2)
+probe_error=$(mktemp)
+if ! gpu_probe=$("$PYTHON" -c "import torch
+print(torch.cuda.device_count(), torch.cuda.is_available() and torch.cuda.is_bf16_supported())" 2> "$probe_error"); then
+  echo "error: $PYTHON: $(tail -n 1 "$probe_error") (run_all.sh needs the python of requirements.txt: activate its" \
+    "environment or set PYTHON=...)" >&2
+  rm -f "$probe_error"
+  exit 2
+fi
+rm -f "$probe_error"
 read -r n_gpus bf16 <<< "$gpu_probe"
 if [ -z "$GPUS" ]; then  # every visible GPU, named as CUDA_VISIBLE_DEVICES names them
   IFS=, read -ra visible <<< "${CUDA_VISIBLE_DEVICES:-}"

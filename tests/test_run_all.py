@@ -185,3 +185,17 @@ def test_one_gpu_trains_and_evaluates_without_a_launcher(tmp_path):
         "evaluate.py CUDA_VISIBLE_DEVICES=3",
         "report.py CUDA_VISIBLE_DEVICES=",
     ]
+
+
+def test_a_python_without_torch_is_one_line_and_exit_2(tmp_path):
+    bare_python = tmp_path / "python"  # the venv's python without its site-packages: no torch
+    bare_python.write_text(f'#!/usr/bin/env bash\nexec "{os.sys.executable}" -S "$@"\n')
+    bare_python.chmod(0o755)
+    done = subprocess.run(["bash", "run_all.sh", "--output", str(tmp_path / "out")], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHON": str(bare_python)})  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: {bare_python}: ModuleNotFoundError: No module named 'torch' (run_all.sh needs the python of "
+        "requirements.txt: activate its environment or set PYTHON=...)"
+    ]
+    assert not (tmp_path / "out").exists()
