@@ -26,7 +26,11 @@ TRAIN_FLAGS=()                          # extra train.py flags (after --)
 DEMO=0
 PYTHON="${PYTHON:-python}"
 
+bad_option() { echo "error: $1 (see the top of run_all.sh)" >&2; exit 2; }
 while [ $# -gt 0 ]; do
+  case "$1" in
+    --models | --optims | --seeds | --output | --candidates | --gpus) [ $# -ge 2 ] || bad_option "$1 needs a value" ;;
+  esac
   case "$1" in
     --models) MODELS="$2"; shift 2 ;;
     --optims) OPTIMS="$2"; shift 2 ;;
@@ -36,8 +40,11 @@ while [ $# -gt 0 ]; do
     --gpus) GPUS="$2"; shift 2 ;;
     --demo) DEMO=1; shift ;;
     --) shift; TRAIN_FLAGS=("$@"); break ;;
-    *) echo "error: unknown option $1 (see the top of run_all.sh)" >&2; exit 2 ;;
+    *) bad_option "unknown option $1" ;;
   esac
+done
+for seed in $SEEDS; do  # checked here, not by each run: on several GPUs they would all start and fail
+  [[ "$seed" =~ ^[0-9]+$ ]] || bad_option "--seeds: $seed is not a whole number"
 done
 
 # One look at the GPUs: how many torch sees, and whether they do bf16 (a python without torch: one line, exit 2)

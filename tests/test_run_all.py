@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -198,4 +199,16 @@ def test_a_python_without_torch_is_one_line_and_exit_2(tmp_path):
         f"error: {bare_python}: ModuleNotFoundError: No module named 'torch' (run_all.sh needs the python of "
         "requirements.txt: activate its environment or set PYTHON=...)"
     ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--models"], "--models needs a value"), (["--seeds", "1 x"], "--seeds: x is not a whole number"),
+     (["--gpu", "0"], "unknown option --gpu")],
+)  # fmt: skip
+def test_bad_options_are_one_line_and_exit_2_before_anything_runs(tmp_path, flags, message):
+    done = subprocess.run(["bash", "run_all.sh", "--output", str(tmp_path / "out"), *flags], cwd=REPO,
+                          capture_output=True, text=True)  # fmt: skip
+    assert (done.returncode, done.stderr) == (2, f"error: {message} (see the top of run_all.sh)\n")
     assert not (tmp_path / "out").exists()
