@@ -58,11 +58,16 @@ print(torch.cuda.device_count(), torch.cuda.is_available() and torch.cuda.is_bf1
 fi
 rm -f "$probe_error"
 read -r n_gpus bf16 <<< "$gpu_probe"
-if [ -z "$GPUS" ]; then  # every visible GPU, named as CUDA_VISIBLE_DEVICES names them
-  IFS=, read -ra visible <<< "${CUDA_VISIBLE_DEVICES:-}"
-  for ((i = 0; i < n_gpus; i++)); do GPUS+=" ${visible[$i]:-$i}"; done
-fi
+IFS=, read -ra visible <<< "${CUDA_VISIBLE_DEVICES:-}"
+VISIBLE=()  # the GPUs torch sees, named as CUDA_VISIBLE_DEVICES names them
+for ((i = 0; i < n_gpus; i++)); do VISIBLE+=("${visible[$i]:-$i}"); done
+[ -n "$GPUS" ] || GPUS="${VISIBLE[*]}"  # default: all of them
 IFS=", " read -ra GPU_IDS <<< "$GPUS"
+for id in "${GPU_IDS[@]}"; do  # a typo would leave its runs training on the CPU, for days
+  if [ "$n_gpus" -gt 0 ] && [[ " ${VISIBLE[*]} " != *" $id "* ]]; then
+    bad_option "--gpus: torch sees no GPU $id (it sees ${VISIBLE[*]})"
+  fi
+done
 # Each run trains on one GPU, as the thesis code did: the Trainer with its bf16 autocast (`bf16=True` there) where the
 # GPU has bf16. DeepSpeed ZeRO-2 (accelerate_config.yaml) shares one run's optimizer state between GPUs: on one GPU
 # it has nothing to share, and it would step Lion on its flat buffers, 8-bit state for every tensor.
@@ -153,7 +158,8 @@ else  # a worker per GPU takes the next run nobody has taken (mkdir is atomic); 
   # Longest runs first, so the last to start is a short one (on 4 GPUs the thesis grid ends after ~10 h, not ~13):
   # a rank by one H100's training pairs/s (bench/RESULTS.md: ModernBERT 215, GTE 334, MiniLM 394); other models first.
   rank() { case "$1" in modernbert) echo 1 ;; gte) echo 2 ;; minilm) echo 3 ;; *) echo 0 ;; esac; }
-  ORDER=$(for i in "${!TODO_DIRS[@]}"; do echo "$(rank "${TODO_MODELS[$i]}") $i"; done | sort -s -n -k1,1 | cut -d" " -f2)
+  ORDER=$(for i in "${!TODO_DIRS[@]}"; do echo "$(rank "${TODO_MODELS[$i]}") $i"; done |
+          sort -s -n -k1,1 | cut -d" " -f2)
   QUEUE=$(mktemp -d)
   WORKERS=()
   stop_workers() {  # each worker is a process group of its own (set -m): Ctrl-C or a kill stops its training too

@@ -136,36 +136,42 @@ def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resume
 NOTING_PYTHON = """#!/usr/bin/env bash
 case "${1:-}" in
   train.py) args=("$@"); for i in "${!args[@]}"; do [ "${args[$i]}" = --output_dir ] && dir=${args[$((i + 1))]}; done
-            echo "$(basename "$dir") CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES" >> "$LAUNCHES"; sleep 1 ;;
+            [[ " $* " == *" --bf16 true "* ]] && bf16=" bf16" || bf16=""
+            echo "$(basename "$dir") CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES$bf16" >> "$LAUNCHES"; sleep 1 ;;
   *.py) echo "$1 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}" >> "$LAUNCHES" ;;
+  -c) [ -n "${GPU_PROBE:-}" ] && echo "$GPU_PROBE" || exec "$REAL_PYTHON" "$@" ;;  # how many GPUs, and bf16
   *) exec "$REAL_PYTHON" "$@" ;;
 esac
 """
 
 
-def noted_grid(tmp_path, models, gpus):
-    """run_all.sh's grid of `models` x {adamw, lion} on stand-in `gpus` -> the notes of NOTING_PYTHON and accelerate."""
+def noted_grid(tmp_path, models, gpus=None, probe=None, visible=None):
+    """run_all.sh's grid of `models` x {adamw, lion} on stand-in `gpus`, where torch sees the GPUs of `probe` ("N
+    bf16", default none) among CUDA_VISIBLE_DEVICES=`visible` -> (exit code, stderr, notes of NOTING_PYTHON and
+    accelerate)."""
     bin_dir, notes = tmp_path / "bin", tmp_path / "launches.txt"
     bin_dir.mkdir(exist_ok=True)
-    notes.unlink(missing_ok=True)
+    notes.write_text("")
     for name, text in [("python", NOTING_PYTHON), ("accelerate", FAKE_ACCELERATE)]:
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LAUNCHES": str(notes),
-           "REAL_PYTHON": os.sys.executable, "PYTHON": str(bin_dir / "python")}  # fmt: skip
+           "REAL_PYTHON": os.sys.executable, "PYTHON": str(bin_dir / "python"), "GPU_PROBE": probe or ""}  # fmt: skip
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    output = tmp_path / f"grid-{gpus.replace(' ', '-')}"
+    if visible:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    output = tmp_path / f"grid-{gpus or 'default'}".replace(" ", "-")
     done = subprocess.run(
-        ["bash", "run_all.sh", "--models", models, "--output", str(output), "--gpus", gpus],
+        ["bash", "run_all.sh", "--models", models, "--output", str(output), *(["--gpus", gpus] if gpus else [])],
         cwd=REPO, capture_output=True, text=True, env=env,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return notes.read_text().splitlines()
+    return done.returncode, done.stderr, notes.read_text().splitlines()
 
 
 def test_several_gpus_start_the_longest_runs_first_and_share_out_the_evaluation(tmp_path):
     """Longest processing time first: ModernBERT's runs, then GTE's, then MiniLM's, so the last to start is short."""
-    notes = noted_grid(tmp_path, "minilm gte modernbert", "0 1")
+    code, stderr, notes = noted_grid(tmp_path, "minilm gte modernbert", "0 1")
+    assert code == 0, stderr[-3000:]
     runs = [line.split() for line in notes if "-" in line.split()[0] and not line.startswith("accelerate ")]
     assert [run.rsplit("-", 1)[0] for run, _ in runs] == ["modernbert"] * 2 + ["gte"] * 2 + ["minilm"] * 2
     grid = [f"{m}-{o}" for m in ("minilm", "gte", "modernbert") for o in ("adamw", "lion")]
@@ -179,13 +185,28 @@ def test_several_gpus_start_the_longest_runs_first_and_share_out_the_evaluation(
 
 def test_one_gpu_trains_and_evaluates_without_a_launcher(tmp_path):
     """On one GPU evaluate.py runs as plain python too: an input error stays one line with exit code 2."""
-    notes = noted_grid(tmp_path, "minilm", "3")
+    code, stderr, notes = noted_grid(tmp_path, "minilm", "3")
+    assert code == 0, stderr[-3000:]
     assert notes == [
         "minilm-adamw CUDA_VISIBLE_DEVICES=3",
         "minilm-lion CUDA_VISIBLE_DEVICES=3",
         "evaluate.py CUDA_VISIBLE_DEVICES=3",
         "report.py CUDA_VISIBLE_DEVICES=",
     ]
+
+
+def test_by_default_every_gpu_torch_sees_trains_in_bf16_and_a_gpu_it_does_not_see_is_refused(tmp_path):
+    code, stderr, notes = noted_grid(tmp_path, "minilm", probe="2 True", visible="5,7")  # torch: GPUs 0 and 1
+    assert code == 0, stderr[-3000:]
+    assert sorted(notes[:2]) == ["minilm-adamw CUDA_VISIBLE_DEVICES=5 bf16", "minilm-lion CUDA_VISIBLE_DEVICES=7 bf16"]
+    assert "evaluate.py CUDA_VISIBLE_DEVICES=5,7" in notes
+    code, stderr, notes = noted_grid(tmp_path, "minilm", probe="1 False")
+    assert code == 0, stderr[-3000:]
+    assert notes[:2] == ["minilm-adamw CUDA_VISIBLE_DEVICES=0", "minilm-lion CUDA_VISIBLE_DEVICES=0"]  # no bf16
+
+    code, stderr, notes = noted_grid(tmp_path, "minilm", "5 6", probe="2 True", visible="5,7")  # a typo: 6
+    assert (code, stderr) == (2, "error: --gpus: torch sees no GPU 6 (it sees 5 7) (see the top of run_all.sh)\n")
+    assert notes == []
 
 
 def test_a_python_without_torch_is_one_line_and_exit_2(tmp_path):
