@@ -59,13 +59,13 @@ fi
 rm -f "$probe_error"
 read -r n_gpus bf16 <<< "$gpu_probe"
 IFS=, read -ra visible <<< "${CUDA_VISIBLE_DEVICES:-}"
-VISIBLE=()  # the GPUs torch sees, named as CUDA_VISIBLE_DEVICES names them
-for ((i = 0; i < n_gpus; i++)); do VISIBLE+=("${visible[$i]:-$i}"); done
-[ -n "$GPUS" ] || GPUS="${VISIBLE[*]}"  # default: all of them
+VISIBLE=""  # the GPUs torch sees, named as CUDA_VISIBLE_DEVICES names them
+for ((i = 0; i < n_gpus; i++)); do VISIBLE+=" ${visible[$i]:-$i}"; done
+[ -n "$GPUS" ] || GPUS="$VISIBLE"  # default: all of them
 IFS=", " read -ra GPU_IDS <<< "$GPUS"
-for id in "${GPU_IDS[@]}"; do  # a typo would leave its runs training on the CPU, for days
-  if [ "$n_gpus" -gt 0 ] && [[ " ${VISIBLE[*]} " != *" $id "* ]]; then
-    bad_option "--gpus: torch sees no GPU $id (it sees ${VISIBLE[*]})"
+for id in ${GPU_IDS[@]+"${GPU_IDS[@]}"}; do  # a typo would leave its runs training on the CPU, for days
+  if [ "$n_gpus" -gt 0 ] && [[ "$VISIBLE " != *" $id "* ]]; then
+    bad_option "--gpus: torch sees no GPU $id (it sees$VISIBLE)"
   fi
 done
 # Each run trains on one GPU, as the thesis code did: the Trainer with its bf16 autocast (`bf16=True` there) where the
@@ -151,7 +151,7 @@ for model in $MODELS; do
   done
 done
 if [ "${#GPU_IDS[@]}" -le 1 ] || [ "${#TODO_DIRS[@]}" -le 1 ]; then  # one run after another, its output here
-  for i in "${!TODO_DIRS[@]}"; do
+  for i in ${TODO_DIRS[@]+"${!TODO_DIRS[@]}"}; do  # none left: an empty array, which bash < 4.4 calls unbound
     train_one "$i" 0
   done
 else  # a worker per GPU takes the next run nobody has taken (mkdir is atomic); a failed run stops no other
@@ -163,7 +163,7 @@ else  # a worker per GPU takes the next run nobody has taken (mkdir is atomic); 
   QUEUE=$(mktemp -d)
   WORKERS=()
   stop_workers() {  # each worker is a process group of its own (set -m): Ctrl-C or a kill stops its training too
-    for pid in "${WORKERS[@]}"; do kill -TERM -- "-$pid" 2> /dev/null || true; done
+    for pid in ${WORKERS[@]+"${WORKERS[@]}"}; do kill -TERM -- "-$pid" 2> /dev/null || true; done
     rm -rf "$QUEUE"
     echo "== stopped; run it again to resume" >&2
     exit 130
