@@ -43,9 +43,11 @@ while [ $# -gt 0 ]; do
     *) bad_option "unknown option $1" ;;
   esac
 done
-for seed in $SEEDS; do  # checked here, not by each run: on several GPUs they would all start and fail
-  [[ "$seed" =~ ^[0-9]+$ ]] || bad_option "--seeds: $seed is not a whole number"
-done
+# Checked here, not by each run: on several GPUs they would all start and fail
+for seed in $SEEDS; do [[ "$seed" =~ ^[0-9]+$ ]] || bad_option "--seeds: $seed is not a whole number"; done
+for optim in $OPTIMS; do [[ "$optim" =~ ^(adamw|lion)$ ]] || bad_option "--optims: $optim is not adamw or lion"; done
+[ -n "${MODELS// /}" ] && [ -n "${OPTIMS// /}" ] && [ -n "${SEEDS// /}" ] ||
+  bad_option "--models, --optims and --seeds: at least one each"
 
 # One look at the GPUs: how many torch sees, and whether they do bf16 (a python without torch: one line, exit 2)
 probe_error=$(mktemp)

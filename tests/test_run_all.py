@@ -233,7 +233,10 @@ def test_a_python_without_torch_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--models"], "--models needs a value"), (["--seeds", "1 x"], "--seeds: x is not a whole number"),
+    [(["--models"], "--models needs a value"),
+     (["--seeds", "1 x"], "--seeds: x is not a whole number"),
+     (["--optims", "adamw sgd"], "--optims: sgd is not adamw or lion"),
+     (["--models", " "], "--models, --optims and --seeds: at least one each"),
      (["--gpu", "0"], "unknown option --gpu")],
 )  # fmt: skip
 def test_bad_options_are_one_line_and_exit_2_before_anything_runs(tmp_path, flags, message):
