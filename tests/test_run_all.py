@@ -31,17 +31,23 @@ exec "$PYTHON" "$@"
 """
 
 
+def stand_ins(folder, python_text, launches, real_python):
+    """A `python` of `python_text` and FAKE_ACCELERATE in folder/bin -> the environment that puts them first, with
+    their notes going to `launches`."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in [("python", python_text), ("accelerate", FAKE_ACCELERATE)]:
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "LAUNCHES": str(launches), "REAL_PYTHON": real_python,
+            "PYTHON": str(bin_dir / "python")}  # fmt: skip
+
+
 def run_all(output, *extra, gpus=None):
     env = {**os.environ, "PYTHON": os.environ.get("PYTHON", str(Path(os.sys.executable)))}
     flags = []
     if gpus:
-        bin_dir = output.parent / "bin"
-        bin_dir.mkdir(exist_ok=True)
-        for name, text in [("python", LOGGED_PYTHON), ("accelerate", FAKE_ACCELERATE)]:
-            (bin_dir / name).write_text(text)
-            (bin_dir / name).chmod(0o755)
-        env.update(PATH=f"{bin_dir}:{env['PATH']}", LAUNCHES=str(output.parent / "launches.txt"),
-                   REAL_PYTHON=env["PYTHON"], PYTHON=str(bin_dir / "python"))  # fmt: skip
+        env.update(stand_ins(output.parent, LOGGED_PYTHON, output.parent / "launches.txt", env["PYTHON"]))
         flags = ["--gpus", gpus]
     return subprocess.run(
         ["bash", "run_all.sh", "--demo", "--output", str(output), *flags, "--", *extra],
@@ -149,14 +155,9 @@ def noted_grid(tmp_path, models, gpus=None, probe=None, visible=None):
     """run_all.sh's grid of `models` x {adamw, lion} on stand-in `gpus`, where torch sees the GPUs of `probe` ("N
     bf16", default none) among CUDA_VISIBLE_DEVICES=`visible` -> (exit code, stderr, notes of NOTING_PYTHON and
     accelerate)."""
-    bin_dir, notes = tmp_path / "bin", tmp_path / "launches.txt"
-    bin_dir.mkdir(exist_ok=True)
+    notes = tmp_path / "launches.txt"
     notes.write_text("")
-    for name, text in [("python", NOTING_PYTHON), ("accelerate", FAKE_ACCELERATE)]:
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LAUNCHES": str(notes),
-           "REAL_PYTHON": os.sys.executable, "PYTHON": str(bin_dir / "python"), "GPU_PROBE": probe or ""}  # fmt: skip
+    env = {**os.environ, **stand_ins(tmp_path, NOTING_PYTHON, notes, os.sys.executable), "GPU_PROBE": probe or ""}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     if visible:
         env["CUDA_VISIBLE_DEVICES"] = visible
