@@ -517,6 +517,7 @@ def main():
             logger.info("Reranking %s with %s", spec, model)
             runs[spec][name] = as_written(rerank_resumable(network, tokenizer, split, str(stem), key, args, state))
         del network
+    state.destroy_process_group()  # the last collective is behind: a process exiting with it up can abort (train.py)
     if not state.is_main_process:
         return
 

@@ -652,6 +652,9 @@ def main(argv=None):
         metrics = {k: v for k, v in last[-1].items() if k.startswith("eval_")} if reuse else trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    # Leave the process group (several processes): one that exits with it still up can abort at exit ("terminate
+    # called without an active exception", SIGABRT, seen under gloo), and the launcher fails a finished run.
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
