@@ -55,6 +55,7 @@ from reranker import (
     fast_dtype,
     first_stage_top,
     format_run,
+    leave_process_group,
     load_split,
     one_line,
     query_chunks,
@@ -517,8 +518,8 @@ def main():
             logger.info("Reranking %s with %s", spec, model)
             runs[spec][name] = as_written(rerank_resumable(network, tokenizer, split, str(stem), key, args, state))
         del network
-    state.destroy_process_group()  # the last collective is behind: a process exiting with it up can abort (train.py)
     if not state.is_main_process:
+        leave_process_group(state)
         return
 
     # 5. Metrics per query and system (judged queries only), and the paired tests against the baseline and BM25
@@ -563,6 +564,7 @@ def main():
         if has_thesis_columns(columns["dl19"], columns[dev]):
             print(f"\n## Thesis layout: TREC DL 2019 and {dev}\n")
             print(thesis_table(metrics, columns, marks, dev))
+    leave_process_group(state)
 
 
 if __name__ == "__main__":

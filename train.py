@@ -60,6 +60,7 @@ from reranker import (
     evaluate_run,
     exit_on_input_error,
     keep_freed_memory,
+    leave_process_group,
     load_split,
     one_line,
     preset_for,
@@ -652,9 +653,7 @@ def main(argv=None):
         metrics = {k: v for k, v in last[-1].items() if k.startswith("eval_")} if reuse else trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    # Leave the process group (several processes): one that exits with it still up can abort at exit ("terminate
-    # called without an active exception", SIGABRT, seen under gloo), and the launcher fails a finished run.
-    trainer.accelerator.end_training()
+    leave_process_group(trainer.accelerator.state)
 
 
 if __name__ == "__main__":
