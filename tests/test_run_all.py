@@ -4,6 +4,7 @@ re-evaluates their models; a fourth has one run fail and the other finish."""
 
 import json
 import os
+import pty
 import shutil
 import subprocess
 from pathlib import Path
@@ -137,13 +138,14 @@ def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resume
     assert (output / "eval" / "metrics.json").stat().st_mtime_ns == evaluated
 
 
-# python that only notes what it runs (a run's name, or a script's) with CUDA_VISIBLE_DEVICES; a run takes a second,
-# so that both stand-in GPUs get runs
+# python that only notes what it runs (a run's name, or a script's) with CUDA_VISIBLE_DEVICES, and for a run its
+# precision and how often its progress bars redraw; a run takes a second, so that both stand-in GPUs get runs
 NOTING_PYTHON = """#!/usr/bin/env bash
 case "${1:-}" in
   train.py) args=("$@"); for i in "${!args[@]}"; do [ "${args[$i]}" = --output_dir ] && dir=${args[$((i + 1))]}; done
             [[ " $* " == *" --bf16 true "* ]] && bf16=" bf16" || bf16=""
-            echo "$(basename "$dir") CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES$bf16" >> "$LAUNCHES"; sleep 1 ;;
+            echo "$(basename "$dir") CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES$bf16 tqdm=${TQDM_MININTERVAL:-}s" \
+              >> "$LAUNCHES"; sleep 1 ;;
   *.py) echo "$1 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}" >> "$LAUNCHES" ;;
   -c) [ -n "${GPU_PROBE:-}" ] && echo "$GPU_PROBE" || exec "$REAL_PYTHON" "$@" ;;  # how many GPUs, and bf16
   *) exec "$REAL_PYTHON" "$@" ;;
@@ -151,21 +153,32 @@ esac
 """
 
 
-def noted_grid(tmp_path, models, gpus=None, probe=None, visible=None):
+def noted_grid(tmp_path, models, gpus=None, probe=None, visible=None, tqdm_every=None, on_terminal=False):
     """run_all.sh's grid of `models` x {adamw, lion} on stand-in `gpus`, where torch sees the GPUs of `probe` ("N
-    bf16", default none) among CUDA_VISIBLE_DEVICES=`visible` -> (exit code, stderr, notes of NOTING_PYTHON and
-    accelerate)."""
+    bf16", default none) among CUDA_VISIBLE_DEVICES=`visible`, its stderr a terminal if `on_terminal` -> (exit code,
+    stderr, notes of NOTING_PYTHON and accelerate)."""
     notes = tmp_path / "launches.txt"
     notes.write_text("")
     env = {**os.environ, **stand_ins(tmp_path, NOTING_PYTHON, notes, os.sys.executable), "GPU_PROBE": probe or ""}
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.pop("TQDM_MININTERVAL", None)
+    if tqdm_every:
+        env["TQDM_MININTERVAL"] = tqdm_every
     if visible:
         env["CUDA_VISIBLE_DEVICES"] = visible
     output = tmp_path / f"grid-{gpus or 'default'}".replace(" ", "-")
+    terminal, stderr = pty.openpty() if on_terminal else (None, subprocess.PIPE)
     done = subprocess.run(
         ["bash", "run_all.sh", "--models", models, "--output", str(output), *(["--gpus", gpus] if gpus else [])],
-        cwd=REPO, capture_output=True, text=True, env=env,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
     )  # fmt: skip
+    if terminal is not None:
+        os.close(stderr)
+        try:
+            done.stderr = os.read(terminal, 1 << 16).decode()
+        except OSError:  # EIO: nothing was written
+            done.stderr = ""
+        os.close(terminal)
     return done.returncode, done.stderr, notes.read_text().splitlines()
 
 
@@ -173,7 +186,7 @@ def test_several_gpus_start_the_longest_runs_first_and_share_out_the_evaluation(
     """Longest processing time first: ModernBERT's runs, then GTE's, then MiniLM's, so the last to start is short."""
     code, stderr, notes = noted_grid(tmp_path, "minilm gte modernbert", "0 1")
     assert code == 0, stderr[-3000:]
-    runs = [line.split() for line in notes if "-" in line.split()[0] and not line.startswith("accelerate ")]
+    runs = [line.split()[:2] for line in notes if "-" in line.split()[0] and not line.startswith("accelerate ")]
     grid = [f"{m}-{o}" for m in ("minilm", "gte", "modernbert") for o in ("adamw", "lion")]
     assert sorted(run for run, _ in runs) == sorted(grid)
     assert runs[0][0].startswith("modernbert-")  # the first two taken are ModernBERT's, whichever starts first
@@ -194,24 +207,38 @@ def test_one_gpu_trains_and_evaluates_without_a_launcher(tmp_path):
     code, stderr, notes = noted_grid(tmp_path, "minilm", "3")
     assert code == 0, stderr[-3000:]
     assert notes == [
-        "minilm-adamw CUDA_VISIBLE_DEVICES=3",
-        "minilm-lion CUDA_VISIBLE_DEVICES=3",
+        "minilm-adamw CUDA_VISIBLE_DEVICES=3 tqdm=60s",
+        "minilm-lion CUDA_VISIBLE_DEVICES=3 tqdm=60s",
         "evaluate.py CUDA_VISIBLE_DEVICES=3",
         "report.py CUDA_VISIBLE_DEVICES=",
     ]
+
+
+def test_progress_bars_going_to_a_file_redraw_once_a_minute(tmp_path):
+    """tqdm's ten redraws a second all stay in a file: there (not on the terminal), once a minute, unless
+    TQDM_MININTERVAL says otherwise. Several GPUs write each run's output to a log file."""
+    on_terminal = [f"minilm-{optim} CUDA_VISIBLE_DEVICES=3 tqdm=s" for optim in ("adamw", "lion")]
+    code, stderr, notes = noted_grid(tmp_path, "minilm", "3", on_terminal=True)
+    assert (code, notes[:2]) == (0, on_terminal), stderr[-3000:]
+    code, stderr, notes = noted_grid(tmp_path, "minilm", "3", tqdm_every="5")
+    assert (code, notes[:2]) == (0, [line.replace("=s", "=5s") for line in on_terminal]), stderr[-3000:]
+    code, stderr, notes = noted_grid(tmp_path, "minilm", "0 1", on_terminal=True)
+    assert code == 0, stderr[-3000:]
+    assert sorted(line.split()[-1] for line in notes if line.startswith("minilm-")) == ["tqdm=60s"] * 2
 
 
 def test_by_default_every_gpu_torch_sees_trains_in_bf16_and_a_gpu_it_does_not_see_is_refused(tmp_path):
     code, stderr, notes = noted_grid(tmp_path, "minilm", probe="2 True", visible="5,7")  # torch: GPUs 0 and 1
     assert code == 0, stderr[-3000:]
     runs = [line.split() for line in notes[:2]]  # which GPU takes which run is a race
-    assert sorted(run for run, _, _ in runs) == ["minilm-adamw", "minilm-lion"]
-    assert sorted(gpu for _, gpu, _ in runs) == ["CUDA_VISIBLE_DEVICES=5", "CUDA_VISIBLE_DEVICES=7"]
-    assert [precision for _, _, precision in runs] == ["bf16", "bf16"]
+    assert sorted(run for run, *_ in runs) == ["minilm-adamw", "minilm-lion"]
+    assert sorted(gpu for _, gpu, *_ in runs) == ["CUDA_VISIBLE_DEVICES=5", "CUDA_VISIBLE_DEVICES=7"]
+    assert [rest for _, _, *rest in runs] == [["bf16", "tqdm=60s"]] * 2  # the logs of several GPUs: files
     assert "evaluate.py CUDA_VISIBLE_DEVICES=5,7" in notes
     code, stderr, notes = noted_grid(tmp_path, "minilm", probe="1 False")
     assert code == 0, stderr[-3000:]
-    assert notes[:2] == ["minilm-adamw CUDA_VISIBLE_DEVICES=0", "minilm-lion CUDA_VISIBLE_DEVICES=0"]  # no bf16
+    no_bf16 = ["minilm-adamw CUDA_VISIBLE_DEVICES=0 tqdm=60s", "minilm-lion CUDA_VISIBLE_DEVICES=0 tqdm=60s"]
+    assert notes[:2] == no_bf16
 
     code, stderr, notes = noted_grid(tmp_path, "minilm", "5 6", probe="2 True", visible="5,7")  # a typo: 6
     assert (code, stderr) == (2, "error: --gpus: torch sees no GPU 6 (it sees 5 7) (see the top of run_all.sh)\n")
