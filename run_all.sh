@@ -102,6 +102,13 @@ if [ "$DEMO" = 1 ]; then
                 --per_device_eval_batch_size 128)
 fi
 
+# evaluate.py's candidate files, checked now rather than after days of training
+for pair in $CANDIDATES; do
+  [[ "$pair" == *=* && " $EVAL_DATA " == *" ${pair%%=*} "* ]] ||
+    bad_option "--candidates: $pair is not SPEC=RUN_FILE with SPEC one of $EVAL_DATA"
+  [ -f "${pair#*=}" ] && [ -r "${pair#*=}" ] || bad_option "--candidates: ${pair#*=}: no such file"
+done
+
 REPORT_TO=none
 if [ -n "${WANDB_API_KEY:-}" ] || [ -n "${WANDB_MODE:-}" ]; then
   REPORT_TO=wandb

@@ -265,10 +265,15 @@ def test_a_python_without_torch_is_one_line_and_exit_2(tmp_path):
      (["--seeds", "1 x"], "--seeds: x is not a whole number"),
      (["--optims", "adamw sgd"], "--optims: sgd is not adamw or lion"),
      (["--models", " "], "--models, --optims and --seeds: at least one each"),
-     (["--gpu", "0"], "unknown option --gpu")],
+     (["--gpu", "0"], "unknown option --gpu"),
+     (["--candidates", "dl20=run.txt"], "--candidates: dl20=run.txt is not SPEC=RUN_FILE with SPEC one of dl19 "
+                                        "dev-small msmarco-v1.1-val"),
+     (["--candidates", "dl19"], "--candidates: dl19 is not SPEC=RUN_FILE with SPEC one of dl19 dev-small "
+                                "msmarco-v1.1-val"),
+     (["--candidates", "dl19=README.md dev-small=no-such-run.txt"], "--candidates: no-such-run.txt: no such file")],
 )  # fmt: skip
 def test_bad_options_are_one_line_and_exit_2_before_anything_runs(tmp_path, flags, message):
     done = subprocess.run(["bash", "run_all.sh", "--output", str(tmp_path / "out"), *flags], cwd=REPO,
-                          capture_output=True, text=True)  # fmt: skip
+                          capture_output=True, text=True, env={**os.environ, "PYTHON": os.sys.executable})  # fmt: skip
     assert (done.returncode, done.stderr) == (2, f"error: {message} (see the top of run_all.sh)\n")
     assert not (tmp_path / "out").exists()
