@@ -133,9 +133,14 @@ class EvaluationArguments:
         default_factory=list,
         metadata={"help": "ir_measures names replacing the default set, e.g. nDCG@10 'AP(rel=2)' 'RR(rel=2)@10'."},
     )
+    download_only: bool = field(
+        default=False,
+        metadata={"help": "Fetch --data (and hub --models) into the local caches and stop, writing nothing: for GPU "
+                          "nodes without network, which then evaluate with HF_HUB_OFFLINE=1."},
+    )  # fmt: skip
 
     def __post_init__(self):
-        if bool(self.models) == bool(self.run):
+        if (self.models and self.run) or not (self.models or self.run or self.download_only):
             raise InputError("give either --models or --run")
         for pair in self.candidates:
             spec, _, path = pair.partition("=")
@@ -460,7 +465,7 @@ def main():
         format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if state.is_main_process else logging.WARNING
     )
     finished = Path(args.output_dir) / "metrics.json"  # written last: a killed evaluation has none, and resumes
-    if finished.exists() and not args.overwrite_output_dir:
+    if finished.exists() and not args.overwrite_output_dir and not args.download_only:
         raise InputError(f"{finished}: an evaluation is there; pass --overwrite_output_dir, or another --output_dir")
     try:
         chosen_measures = [ir_measures.parse_measure(name) for name in args.metrics]
@@ -471,7 +476,14 @@ def main():
     #    process before the others read it: ir_datasets' downloads are not safe for several processes at once)
     with state.main_process_first():
         candidates = dict(pair.partition("=")[::2] for pair in args.candidates)
-        splits = {spec: load_data(spec, args.top_k, bool(args.models), candidates.get(spec)) for spec in args.data}
+        splits = {spec: load_data(spec, args.top_k, not args.run, candidates.get(spec)) for spec in args.data}
+    if args.download_only:  # and the models, through the calls of 3 and 4, so a later offline run finds them
+        for model in args.models:
+            check_cross_encoder(model)
+            load_cross_encoder(model, "cpu")
+        logger.info("Cached %s", ", ".join(args.data + args.models))
+        leave_process_group(state)
+        return
 
     # 3. Systems: the given run files, or the first stage and each model (checked now, loaded in 4)
     folders = [data_folder(spec) for spec in args.data]

@@ -5,9 +5,11 @@
 #   bash run_all.sh                                   # the full grid on the local GPUs (one run per GPU at a time)
 #   bash run_all.sh --models "minilm" --seeds "1 2 3" -- --max_train_pairs 200000
 #   bash run_all.sh --demo                            # offline, on a CPU, in minutes (what `make demo` runs)
+#   bash run_all.sh --download                        # where there is network: fetch what the grid needs, then
+#   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 bash run_all.sh   # on GPU nodes without it
 #
 # Options: --models "..." --optims "..." --seeds "..." --gpus "0 1 ..." --output DIR --candidates "SPEC=RUN_FILE ..."
-# --demo; everything after `--` goes to train.py.
+# --demo --download; everything after `--` goes to train.py.
 # Each run trains on one GPU with the thesis's batch of 16, and several GPUs train several runs at once (DDP over N
 # GPUs would make the batch 16 N, another experiment). Re-running skips what is finished (a run with its final
 # model, an evaluation newer than every model) and resumes an interrupted training run from its last checkpoint.
@@ -24,6 +26,7 @@ CANDIDATES=""                           # "dl19=FILE ...": ranked candidates ins
 GPUS=""                                 # the GPUs to use, e.g. "0 1" (default: every visible one)
 TRAIN_FLAGS=()                          # extra train.py flags (after --)
 DEMO=0
+DOWNLOAD=0
 PYTHON="${PYTHON:-python}"
 
 bad_option() { echo "error: $1 (see the top of run_all.sh)" >&2; exit 2; }
@@ -39,6 +42,7 @@ while [ $# -gt 0 ]; do
     --candidates) CANDIDATES="$2"; shift 2 ;;
     --gpus) GPUS="$2"; shift 2 ;;
     --demo) DEMO=1; shift ;;
+    --download) DOWNLOAD=1; shift ;;
     --) shift; TRAIN_FLAGS=("$@"); break ;;
     *) bad_option "unknown option $1" ;;
   esac
@@ -108,6 +112,19 @@ for pair in $CANDIDATES; do
     bad_option "--candidates: $pair is not SPEC=RUN_FILE with SPEC one of $EVAL_DATA"
   [ -f "${pair#*=}" ] && [ -r "${pair#*=}" ] || bad_option "--candidates: ${pair#*=}: no such file"
 done
+
+# --download: the models and data of the grid into the local caches (hub, datasets, ir_datasets), through the calls
+# the runs make; each model's call reads the training data too, cached after the first
+if [ "$DOWNLOAD" = 1 ]; then
+  for model in $MODELS; do
+    "$PYTHON" train.py --model "$model" --download_only ${COMMON_FLAGS[@]+"${COMMON_FLAGS[@]}"} \
+      ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
+  done
+  "$PYTHON" evaluate.py --data $EVAL_DATA --top_k "$TOP_K" ${CANDIDATES:+--candidates $CANDIDATES} --download_only
+  echo "== downloaded; on a machine without network: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 bash run_all.sh ..." \
+    "(the same options, without --download)"
+  exit 0
+fi
 
 REPORT_TO=none
 if [ -n "${WANDB_API_KEY:-}" ] || [ -n "${WANDB_MODE:-}" ]; then

@@ -114,6 +114,11 @@ class ScriptArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Delete a non-empty output_dir first (it is never overwritten otherwise)."}
     )
+    download_only: bool = field(
+        default=False,
+        metadata={"help": "Fetch the model and the training data into the local caches and stop, writing nothing: "
+                          "for GPU nodes without network, which then train with HF_HUB_OFFLINE=1."},
+    )  # fmt: skip
 
     def __post_init__(self):
         for name in ("eval_top_k", "max_length", "max_train_pairs"):
@@ -594,6 +599,13 @@ def main(argv=None):
     # 1. Arguments: thesis preset, overridden by explicit flags.
     script_args, training_args, preset = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if script_args.download_only:  # what steps 2 and 3 fetch, through the same calls, so a later offline run finds it
+        with training_args.main_process_first(desc="download"):
+            load_model(preset.model_name_or_path)
+            pairs = load_pairs(script_args.train_data, script_args.max_train_pairs, script_args.negatives_per_query)
+        logger.info("Cached %s and %d pairs of %s", preset.model_name_or_path, len(pairs), script_args.train_data)
+        leave_process_group(training_args.distributed_state)
+        return
     checkpoint = resume_checkpoint(training_args)
     prepare_output_dir(script_args, training_args, resuming=checkpoint is not None)
     configure_wandb(training_args)

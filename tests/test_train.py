@@ -577,6 +577,28 @@ def test_hub_pairs_are_the_thesis_codes_first_triplets_with_their_texts(monkeypa
     assert len(train.load_pairs(train.MSMARCO_HUB, max_pairs=6)) == 6
 
 
+def test_download_only_fetches_the_model_and_the_hub_data_and_writes_nothing(minilm, tmp_path, monkeypatch):
+    """--download_only (for GPU nodes without network): the model and the hub dataset's three configs go through the
+    calls training makes, so they are in the caches; the output folder, even a finished run's, is not touched."""
+    loaded = []
+    hub = {
+        "triplets": datasets.Dataset.from_dict({"query_id": ["7"], "positive_id": ["p1"], "negative_id": ["n1"]}),
+        "corpus": datasets.Dataset.from_dict({"passage_id": ["p1", "n1"], "passage": ["P1", "N1"]}),
+        "queries": datasets.Dataset.from_dict({"query_id": ["7"], "query": ["Q7"]}),
+    }
+    monkeypatch.setattr(train.datasets, "load_dataset", lambda _, config, split: loaded.append(config) or hub[config])
+    models, load_model = [], train.load_model
+    monkeypatch.setattr(train, "load_model", lambda name: models.append(name) or load_model(name))
+    finished = tmp_path / "run"
+    finished.mkdir()
+    (finished / "model.safetensors").write_text("a finished run")
+
+    train.main(["--model", minilm, "--download_only", "--output_dir", str(finished)])
+
+    assert sorted(loaded) == ["corpus", "queries", "triplets"] and models == [minilm]
+    assert [p.name for p in finished.iterdir()] == ["model.safetensors"]
+
+
 def bad_input_cases(tmp_path):
     return {
         "unknown optimizer": (["--optim", "sgd"], "invalid choice: 'sgd'"),
