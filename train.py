@@ -254,15 +254,20 @@ def pairs_from_triples(path):
     return pairs
 
 
-def pairs_from_hub(max_pairs):
-    """The thesis's data: sentence-transformers/msmarco triplets of ids, with the texts of its corpus and queries."""
+def hub_datasets():
+    """The thesis's data, sentence-transformers/msmarco: its configs triplets (of ids), corpus and queries, downloaded
+    on first use and memory-mapped from the datasets cache."""
     try:
         with quiet_downloads():
-            triplets = datasets.load_dataset(MSMARCO_HUB, "triplets", split="train")
-            corpus = datasets.load_dataset(MSMARCO_HUB, "corpus", split="train")
-            queries = datasets.load_dataset(MSMARCO_HUB, "queries", split="train")
+            configs = ("triplets", "corpus", "queries")
+            return [datasets.load_dataset(MSMARCO_HUB, config, split="train") for config in configs]
     except OSError as error:  # offline: ConnectionError
         raise InputError(f"{MSMARCO_HUB}: cannot load it from the hub: {one_line(error)}") from None
+
+
+def pairs_from_hub(max_pairs):
+    """The first max_pairs / 2 triplets of the hub data as (query, passage, label) pairs, with their texts."""
+    triplets, corpus, queries = hub_datasets()
     triplets = triplets.select(range(min(len(triplets), math.ceil(max_pairs / 2))))
     passage = dict(zip(corpus["passage_id"], corpus["passage"]))
     query = dict(zip(queries["query_id"], queries["query"]))
@@ -602,8 +607,11 @@ def main(argv=None):
     if script_args.download_only:  # what steps 2 and 3 fetch, through the same calls, so a later offline run finds it
         with training_args.main_process_first(desc="download"):
             load_model(preset.model_name_or_path)
-            pairs = load_pairs(script_args.train_data, script_args.max_train_pairs, script_args.negatives_per_query)
-        logger.info("Cached %s and %d pairs of %s", preset.model_name_or_path, len(pairs), script_args.train_data)
+            if script_args.train_data == MSMARCO_HUB:
+                hub_datasets()  # not the pairs: their texts would take GBs of memory, on a login node too
+            else:  # local data: read (and checked) now rather than on the GPU node
+                load_pairs(script_args.train_data, script_args.max_train_pairs, script_args.negatives_per_query)
+        logger.info("Cached %s and %s", preset.model_name_or_path, script_args.train_data)
         leave_process_group(training_args.distributed_state)
         return
     checkpoint = resume_checkpoint(training_args)
