@@ -180,9 +180,30 @@ for model in $MODELS; do
     done
   done
 done
+# Each run trains in a worker, a process group of its own (set -m), so that Ctrl-C or a TERM (a batch system's time
+# limit, `kill`) reaches the trainings through stop_runs alone: train.py then saves a checkpoint at the end of its step
+# and exits, and this script waits for that, since a batch system kills what a job's script leaves behind.
+WORKERS=() QUEUE=""
+stop_runs() {  # stop_runs EXIT_CODE
+  trap - INT TERM  # a second Ctrl-C stops this script at once (the runs still save their checkpoints)
+  for pid in ${WORKERS[@]+"${WORKERS[@]}"}; do kill -TERM -- "-$pid" 2> /dev/null || true; done
+  wait
+  [ -z "$QUEUE" ] || rm -rf "$QUEUE"
+  echo "== stopped; run it again to resume" >&2
+  exit "$1"
+}
+in_worker() {  # in_worker COMMAND...: in the background; a TERM ends the worker once its training has exited
+  set -m
+  (trap 'exit 143' TERM; "$@") &
+  WORKERS+=($!)
+  set +m
+}
+trap 'stop_runs 130' INT
+trap 'stop_runs 143' TERM
 if [ "${#GPU_IDS[@]}" -le 1 ] || [ "${#TODO_DIRS[@]}" -le 1 ]; then  # one run after another, its output here
   for i in ${TODO_DIRS[@]+"${!TODO_DIRS[@]}"}; do  # none left: an empty array, which bash < 4.4 calls unbound
-    train_one "$i" 0
+    in_worker train_one "$i" 0
+    wait $!  # a failed run stops the grid (set -e)
   done
 else  # a worker per GPU takes the next run nobody has taken (mkdir is atomic); a failed run stops no other
   # Longest runs first, so the last to start is a short one (on 4 GPUs the thesis grid ends after ~10 h, not ~13):
@@ -191,33 +212,22 @@ else  # a worker per GPU takes the next run nobody has taken (mkdir is atomic); 
   ORDER=$(for i in "${!TODO_DIRS[@]}"; do echo "$(rank "${TODO_MODELS[$i]}") $i"; done |
           sort -s -n -k1,1 | cut -d" " -f2)
   QUEUE=$(mktemp -d)
-  WORKERS=()
-  stop_workers() {  # each worker is a process group of its own (set -m): Ctrl-C or a kill stops its training too
-    for pid in ${WORKERS[@]+"${WORKERS[@]}"}; do kill -TERM -- "-$pid" 2> /dev/null || true; done
-    rm -rf "$QUEUE"
-    echo "== stopped; run it again to resume" >&2
-    exit 130
+  gpu_worker() {  # gpu_worker SLOT: the runs left, one after another, on GPU_IDS[SLOT], each one's output in its log
+    tqdm_in_files
+    for i in $ORDER; do
+      mkdir "$QUEUE/$i" 2> /dev/null || continue
+      log="$OUTPUT/logs/$(basename "${TODO_DIRS[$i]}").log"
+      if ! train_one "$i" "$1" >> "$log" 2>&1; then
+        echo "== ${TODO_DIRS[$i]}: failed, see $log" >&3
+        echo "${TODO_DIRS[$i]}" >> "$QUEUE/failed"
+      fi
+    done
   }
-  trap stop_workers INT TERM
   mkdir -p "$OUTPUT/logs"
-  set -m
   for slot in "${!GPU_IDS[@]}"; do
-    (
-      tqdm_in_files
-      for i in $ORDER; do
-        mkdir "$QUEUE/$i" 2> /dev/null || continue
-        log="$OUTPUT/logs/$(basename "${TODO_DIRS[$i]}").log"
-        if ! train_one "$i" "$slot" >> "$log" 2>&1; then
-          echo "== ${TODO_DIRS[$i]}: failed, see $log" >&3
-          echo "${TODO_DIRS[$i]}" >> "$QUEUE/failed"
-        fi
-      done
-    ) &
-    WORKERS+=($!)
+    in_worker gpu_worker "$slot"
   done
-  set +m
   wait
-  trap - INT TERM
   if [ -s "$QUEUE/failed" ]; then
     echo "error: $(wc -l < "$QUEUE/failed") run(s) failed, not evaluated: $(paste -sd ' ' "$QUEUE/failed")" >&2
     rm -rf "$QUEUE"
@@ -225,6 +235,7 @@ else  # a worker per GPU takes the next run nobody has taken (mkdir is atomic); 
   fi
   rm -rf "$QUEUE"
 fi
+trap - INT TERM
 
 # The demo's "untrained" row: the same backbone with a fresh (seeded) head, to show what training adds.
 if [ "$DEMO" = 1 ]; then

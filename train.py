@@ -25,7 +25,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -443,6 +446,59 @@ class LogOptimizerCallback(TrainerCallback):
         logger.info("optimizer stepping: %s", " > ".join(type(o).__name__ for o in chain))
 
 
+class StopOnSignal(TrainerCallback):
+    """SIGTERM (a batch system's time limit or preemption, `kill`, run_all.sh stopping its runs) or Ctrl-C: a checkpoint
+    at the end of the step under way, then stop. A resume then loses one step, not everything since the last
+    checkpoint (up to an epoch: hours). Batch systems send SIGKILL some 30 s after SIGTERM, so no evaluation is started
+    on the way out. Several processes agree on the step: they save the checkpoint together.
+
+    Not the Trainer's --enable_jit_checkpoint: it saves before the optimizer step, after that step's dropout was drawn
+    (no exact resume), and then lets the run end as if finished.
+    """
+
+    def __init__(self):
+        self.signal = None  # the first signal received
+        self.stopped_at = None  # the step a signal stopped training after (None: it ran to its last step)
+
+    @contextmanager
+    def catching_signals(self):
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        handlers = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where it is ignored (nohup, `&`)
+            handlers[signal.SIGINT] = signal.default_int_handler
+        for signum in handlers:
+            signal.signal(signum, self.received)
+        try:
+            yield
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+    def received(self, signum, frame):
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt  # Ctrl-C twice: now, without a checkpoint
+        if self.signal is None:  # a batch system and a launcher may each send one
+            self.signal = signal.Signals(signum)
+            logger.warning("%s: saving a checkpoint at the end of this step, then stopping", self.signal.name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.signal is not None
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor(float(stop), device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = flag.item() > 0
+            self.signal = self.signal or (signal.SIGTERM if stop else None)  # another process received it
+        if stop and state.global_step < state.max_steps:  # at the last step the run ends (and saves) as it would
+            control.should_save, control.should_evaluate, control.should_training_stop = True, False, True
+            self.stopped_at = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:  # the checkpoint is saved; the epoch's evaluation would delay the exit
+            control.should_save = control.should_evaluate = False
+
+
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     """The Trainer's length-grouped order, drawn from seed + epoch. The Trainer's own draws from the global RNG, which
     a resume restores only after it has drawn the interrupted epoch's order: pairs would be trained twice or never."""
@@ -480,6 +536,8 @@ class RerankerTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, compute_loss_func=bce_loss, **kwargs)
         self.add_callback(LogOptimizerCallback())
+        self.stop_on_signal = StopOnSignal()
+        self.add_callback(self.stop_on_signal)
         if self.args.device.type == "cpu":
             keep_freed_memory()
             if self.args.fast_cpu_dropout:
@@ -495,6 +553,10 @@ class RerankerTrainer(Trainer):
                 {"lr": self.args.learning_rate, "betas": (self.args.lion_beta1, self.args.lion_beta2)},
             )
         return super().create_optimizer(model)
+
+    def train(self, *args, **kwargs):
+        with self.stop_on_signal.catching_signals():
+            return super().train(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -661,6 +723,13 @@ def main(argv=None):
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    stop = trainer.stop_on_signal
+    if stop.stopped_at is not None:  # no final model: run_all.sh and a resume take the run for unfinished
+        checkpoint = Path(training_args.output_dir) / f"checkpoint-{stop.stopped_at}"
+        print(f"stopped by {stop.signal.name} at step {stop.stopped_at} of {trainer.state.max_steps}, saved in "
+              f"{checkpoint}: --resume_from_checkpoint true continues the run", file=sys.stderr)  # fmt: skip
+        leave_process_group(trainer.accelerator.state)
+        sys.exit(128 + stop.signal)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
 

@@ -6,7 +6,9 @@ import json
 import os
 import pty
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -259,6 +261,48 @@ def test_by_default_every_gpu_torch_sees_trains_in_bf16_and_a_gpu_it_does_not_se
     code, stderr, notes = noted_grid(tmp_path, "minilm", "5 6", probe="2 True", visible="5,7")  # a typo: 6
     assert (code, stderr) == (2, "error: --gpus: torch sees no GPU 6 (it sees 5 7) (see the top of run_all.sh)\n")
     assert notes == []
+
+
+# python whose runs take a minute and, told to stop (TERM), take a second to save a checkpoint, as train.py does
+STOPPING_PYTHON = """#!/usr/bin/env bash
+case "${1:-}" in
+  train.py) run=$(basename "$(echo "$*" | sed 's/.*--output_dir \\([^ ]*\\).*/\\1/')")
+            echo "start $run" >> "$LAUNCHES"
+            sleep 60 > /dev/null 2>&1 3>&- &
+            trap 'kill $!; sleep 1; echo "saved $run" >> "$LAUNCHES"; exit 143' TERM
+            wait ;;
+  *.py) echo "$1" >> "$LAUNCHES" ;;
+  *) exec "$REAL_PYTHON" "$@" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("gpus, signum, code", [("0 1", signal.SIGTERM, 143), ("3", signal.SIGINT, 130)])
+def test_a_stopped_grid_stops_its_runs_and_waits_for_their_checkpoints(tmp_path, gpus, signum, code):
+    """TERM (a batch system's time limit, `kill`) or Ctrl-C (INT to the terminal's process group): each run is told
+    to stop (train.py saves a checkpoint at the end of its step), no other starts, nothing is evaluated, and the script
+    exits only after its runs did: a batch system kills what a job's script leaves behind."""
+    notes = tmp_path / "launches.txt"
+    notes.write_text("")
+    env = {**os.environ, **stand_ins(tmp_path, STOPPING_PYTHON, notes, os.sys.executable)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    command = ["bash", "run_all.sh", "--models", "minilm", "--output", str(tmp_path / "out"), "--gpus", gpus]
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+                                   start_new_session=True)  # fmt: skip
+        running = 2 if " " in gpus else 1
+        deadline = time.time() + 60
+        while notes.read_text().count("start ") < running:
+            assert time.time() < deadline and process.poll() is None, (tmp_path / "stderr").read_text()
+            time.sleep(0.1)
+        os.killpg(process.pid, signum)
+        process.wait(timeout=30)
+    lines = notes.read_text().splitlines()  # as the script exits
+    started = sorted(line.split()[1] for line in lines if line.startswith("start "))
+    assert process.returncode == code
+    assert len(started) == running and sorted(line.split()[1] for line in lines if line.startswith("saved ")) == started
+    assert not [line for line in lines if line.endswith(".py")]  # neither evaluate.py nor report.py
+    assert (tmp_path / "stderr").read_text().splitlines()[-1] == "== stopped; run it again to resume"
 
 
 def test_a_python_without_torch_is_one_line_and_exit_2(tmp_path):

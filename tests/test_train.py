@@ -237,6 +237,42 @@ def test_two_processes_of_8_pairs_a_step_train_as_one_process_of_16(minilm_witho
     assert "find_unused_parameters=True" not in done.stderr
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_their_checkpoint(minilm, tmp_path):
+    """Under DDP the processes save a checkpoint together: a signal that reaches only one of them (here the second)
+    stops both after the same step. Else one would save while the other waited for it in the next step's all-reduce."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py"),
+               "--model", minilm, "--optim", "adamw", "--train_data", f"{REPO}/data/demo:train",
+               "--negatives_per_query", "4", "--max_steps", "200", "--warmup_steps", "1", "--max_length", "64",
+               "--per_device_train_batch_size", "8", "--save_strategy", "steps", "--save_steps", "5",
+               "--report_to", "none", "--output_dir", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=env)  # fmt: skip
+    deadline = time.time() + 300
+    while not (out / "checkpoint-5" / "trainer_state.json").exists() and launcher.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    workers = [pid for pid in workers if "train.py" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGTERM)
+    try:
+        stderr = launcher.communicate(timeout=120)[1]
+    finally:
+        launcher.kill()
+    stops = [line for line in stderr.splitlines() if line.startswith("stopped by SIGTERM at step ")]
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
+    step = int(stops[0].split()[5])
+    assert 5 < step < 200 and launcher.returncode != 0
+    checkpoint = out / f"checkpoint-{step}"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
+    saved = {path.name for path in checkpoint.iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"} <= saved
+    assert not (out / "model.safetensors").exists()
+
+
 def test_a_nan_loss_stops_training_with_a_clear_error(minilm, tmp_path):
     trainer = make_trainer(minilm, tmp_path, ["--max_steps", "2", "--save_strategy", "no"], labels=[float("nan")] * 4)
     with pytest.raises(train.NonFiniteLossError, match="loss became nan at step 1"):
@@ -399,7 +435,8 @@ def test_tiny_gte_and_modernbert_train_through_train_py(minilm, tmp_path, config
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The command line on real data: 30 steps, a saved model that loads everywhere, and an exact resume after SIGKILL.
+# The command line on real data: 30 steps, a saved model that loads everywhere, and an exact resume after SIGKILL or
+# SIGTERM.
 
 
 def train_command(minilm, output_dir, *extra):
@@ -411,8 +448,23 @@ def train_command(minilm, output_dir, *extra):
     ]  # fmt: skip
 
 
+def start_and_signal_after_checkpoint_10(command, output_dir, signum, env):
+    """Run `command`, send it `signum` half a second after it saved checkpoint-10 -> the ended process."""
+    process = subprocess.Popen(command, env=env, cwd=output_dir.parent, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not (output_dir / "checkpoint-10" / "trainer_state.json").exists() and process.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    time.sleep(0.5)
+    process.send_signal(signum)
+    process.stderr_text = process.communicate()[1]
+    assert not (output_dir / "model.safetensors").exists(), "the run finished before the signal"
+    return process
+
+
 @needs_data
-def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill(minilm, tmp_path):
+def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill_or_sigterm(minilm, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     full = tmp_path / "full"
     subprocess.run(train_command(minilm, full), check=True, env=env, capture_output=True, cwd=tmp_path)
@@ -427,26 +479,28 @@ def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill(minilm, tmp_path)
     assert (training["optim"], training["seed"]) == ("lion_8bit", 7)
     assert config["script"]["max_length"] == 128
 
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        train_command(minilm, killed), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    while not (killed / "checkpoint-10" / "trainer_state.json").exists() and process.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.2)
-    time.sleep(0.5)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "model.safetensors").exists(), "the run finished before it was killed"
-    resumed = subprocess.run(
-        train_command(minilm, killed, "--resume_from_checkpoint", "true"), env=env, capture_output=True, cwd=tmp_path
-    )
-    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
-    expected, actual = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    # SIGKILL: resumed from checkpoint-10. SIGTERM (a batch system's time limit, run_all.sh's Ctrl-C): a checkpoint
+    # at the end of the step under way, no final model, exit 128 + 15, resumed from that checkpoint.
+    for signum in (signal.SIGKILL, signal.SIGTERM):
+        stopped = tmp_path / signum.name
+        process = start_and_signal_after_checkpoint_10(train_command(minilm, stopped), stopped, signum, env)
+        checkpoints = sorted(int(c.name.split("-")[1]) for c in stopped.glob("checkpoint-*"))
+        if signum == signal.SIGTERM:
+            step = checkpoints[-1]
+            assert 10 < step < 30 and process.returncode == 143, process.stderr_text[-2000:]
+            state = json.loads((stopped / f"checkpoint-{step}" / "trainer_state.json").read_text())
+            assert state["global_step"] == step
+            assert process.stderr_text.splitlines()[-1] == (
+                f"stopped by SIGTERM at step {step} of 30, saved in {stopped}/checkpoint-{step}: "
+                "--resume_from_checkpoint true continues the run"
+            )
+        resumed = subprocess.run(train_command(minilm, stopped, "--resume_from_checkpoint", "true"), env=env,
+                                 capture_output=True, cwd=tmp_path)  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+        expected, actual = load_file(full / "model.safetensors"), load_file(stopped / "model.safetensors")
+        assert expected.keys() == actual.keys()
+        for name in expected:
+            torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=f"{signum.name}: {name}")
 
     # The saved folder: plain AutoModelForSequenceClassification and sentence-transformers' CrossEncoder agree.
     from sentence_transformers import CrossEncoder
