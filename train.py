@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import shutil
 import signal
 import sys
@@ -634,11 +635,20 @@ def warn_if_no_gpu_where_one_was_named(training_args):
         logger.warning("CUDA_VISIBLE_DEVICES=%s names a GPU, but torch sees none: training on the CPU", named)
 
 
-def configure_wandb(training_args):
-    """With report_to wandb but no account configured, log offline instead of failing."""
+def configure_wandb(training_args, resuming):
+    """With report_to wandb but no account configured, log offline instead of failing. A resumed run continues its
+    W&B run (its id is in run_config.json) rather than starting another at each resume."""
     if "wandb" not in (training_args.report_to or []):
         return
     os.environ.setdefault("WANDB_PROJECT", "lion-vs-adamw-rerankers")
+    if "WANDB_RUN_ID" not in os.environ:
+        try:
+            config = json.loads((Path(training_args.output_dir) / "run_config.json").read_text()) if resuming else {}
+        except (OSError, ValueError):  # written before the first checkpoint: none means none was written
+            config = {}
+        if config.get("wandb_run_id"):
+            os.environ.setdefault("WANDB_RESUME", "allow")
+        os.environ["WANDB_RUN_ID"] = config.get("wandb_run_id") or secrets.token_hex(6)
     netrc = Path.home() / ".netrc"
     logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
     if not logged_in and "WANDB_MODE" not in os.environ:
@@ -678,7 +688,7 @@ def main(argv=None):
         return
     checkpoint = resume_checkpoint(training_args)
     prepare_output_dir(script_args, training_args, resuming=checkpoint is not None)
-    configure_wandb(training_args)
+    configure_wandb(training_args, resuming=checkpoint is not None)
     warn_if_no_gpu_where_one_was_named(training_args)
 
     # 2. Model and tokenizer (seeded first: the new classification head is drawn from the RNG).
@@ -705,6 +715,8 @@ def main(argv=None):
     # 4. The resolved configuration, next to the checkpoints.
     if training_args.process_index == 0:
         config = {"script": asdict(script_args), "preset": asdict(preset), "training": training_args.to_dict()}
+        if "wandb" in (training_args.report_to or []):
+            config["wandb_run_id"] = os.environ["WANDB_RUN_ID"]
         write_atomic(Path(training_args.output_dir) / "run_config.json", json.dumps(config, indent=2, default=str))
 
     # 5. Train.

@@ -771,18 +771,21 @@ def test_a_gpu_named_but_not_seen_is_warned_about(monkeypatch, caplog):
 
 
 @needs_data
-def test_report_to_wandb_without_an_account_logs_offline_and_never_fails(minilm, tmp_path):
+def test_report_to_wandb_without_an_account_logs_offline_and_a_resume_continues_the_same_run(minilm, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--model", minilm, "--train_data", f"{DATA}/msmarco-sample:train",
-         "--negatives_per_query", "1", "--max_steps", "2", "--warmup_steps", "1", "--max_length", "64",
-         "--logging_steps", "1", "--report_to", "wandb", "--output_dir", str(tmp_path / "out")],
-        cwd=tmp_path, capture_output=True, text=True, env={**env, "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "logging offline" in result.stderr
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    for steps, resume in [("2", []), ("3", ["--resume_from_checkpoint", "true"])]:
+        result = subprocess.run(
+            [sys.executable, str(REPO / "train.py"), "--model", minilm, "--train_data", f"{DATA}/msmarco-sample:train",
+             "--negatives_per_query", "1", "--max_steps", steps, "--warmup_steps", "1", "--max_length", "64",
+             "--logging_steps", "1", "--report_to", "wandb", "--output_dir", str(tmp_path / "out"), *resume],
+            cwd=tmp_path, capture_output=True, text=True, env={**env, "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "logging offline" in result.stderr
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))  # offline-run-<time>-<run id>
+    assert len(runs) == 2 and all(list(run.glob("*.wandb")) for run in runs)
+    run_id = json.loads((tmp_path / "out" / "run_config.json").read_text())["wandb_run_id"]
+    assert [run.name.rsplit("-", 1)[1] for run in runs] == [run_id, run_id]
 
 
 def validated_training(minilm, out, *extra):
