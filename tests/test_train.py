@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -246,25 +247,26 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_the
                "--model", minilm, "--optim", "adamw", "--train_data", f"{REPO}/data/demo:train",
                "--negatives_per_query", "4", "--max_steps", "200", "--warmup_steps", "1", "--max_length", "64",
                "--per_device_train_batch_size", "8", "--save_strategy", "steps", "--save_steps", "5",
-               "--report_to", "none", "--output_dir", str(out)]  # fmt: skip
+               "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env=env)  # fmt: skip
-    deadline = time.time() + 300
-    while not (out / "checkpoint-5" / "trainer_state.json").exists() and launcher.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.2)
-    workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-    workers = [pid for pid in workers if "train.py" in Path(f"/proc/{pid}/cmdline").read_text()]
-    assert len(workers) == 2
-    os.kill(int(workers[1]), signal.SIGTERM)
-    try:
-        stderr = launcher.communicate(timeout=120)[1]
-    finally:
-        launcher.kill()
-    stops = [line for line in stderr.splitlines() if line.startswith("stopped by SIGTERM at step ")]
+    with open(tmp_path / "stderr", "w") as file:  # a file, not a pipe that fills up while nobody reads it
+        launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=file, env=env)
+        deadline = time.time() + 300
+        while not (out / "checkpoint-5" / "trainer_state.json").exists() and launcher.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.2)
+        workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+        workers = [pid for pid in workers if "train.py" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 2
+        os.kill(int(workers[1]), signal.SIGTERM)
+        try:
+            launcher.wait(timeout=120)
+        finally:
+            launcher.kill()
+    stderr = (tmp_path / "stderr").read_text()
+    stops = re.findall(r"stopped by SIGTERM at step (\d+) of 200, saved in ", stderr)  # one line from each process
     assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
-    step = int(stops[0].split()[5])
+    step = int(stops[0])
     assert 5 < step < 200 and launcher.returncode != 0
     checkpoint = out / f"checkpoint-{step}"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
@@ -449,18 +451,19 @@ def train_command(minilm, output_dir, *extra):
 
 
 def start_and_signal_after_checkpoint_10(command, output_dir, signum, env):
-    """Run `command`, send it `signum` half a second after it saved checkpoint-10 -> the ended process."""
-    process = subprocess.Popen(command, env=env, cwd=output_dir.parent, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.time() + 300
-    while not (output_dir / "checkpoint-10" / "trainer_state.json").exists() and process.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.2)
-    time.sleep(0.5)
-    process.send_signal(signum)
-    process.stderr_text = process.communicate()[1]
+    """Run `command`, send it `signum` half a second after it saved checkpoint-10 -> (exit code, stderr)."""
+    stderr = output_dir.parent / f"{output_dir.name}.stderr"
+    with open(stderr, "w") as file:  # a file, not a pipe that fills up while nobody reads it
+        process = subprocess.Popen(command, env=env, cwd=output_dir.parent, stdout=subprocess.DEVNULL, stderr=file)
+        deadline = time.time() + 300
+        while not (output_dir / "checkpoint-10" / "trainer_state.json").exists() and process.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.2)
+        time.sleep(0.5)
+        process.send_signal(signum)
+        process.wait()
     assert not (output_dir / "model.safetensors").exists(), "the run finished before the signal"
-    return process
+    return process.returncode, stderr.read_text()
 
 
 @needs_data
@@ -483,14 +486,14 @@ def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill_or_sigterm(minilm
     # at the end of the step under way, no final model, exit 128 + 15, resumed from that checkpoint.
     for signum in (signal.SIGKILL, signal.SIGTERM):
         stopped = tmp_path / signum.name
-        process = start_and_signal_after_checkpoint_10(train_command(minilm, stopped), stopped, signum, env)
+        code, stderr = start_and_signal_after_checkpoint_10(train_command(minilm, stopped), stopped, signum, env)
         checkpoints = sorted(int(c.name.split("-")[1]) for c in stopped.glob("checkpoint-*"))
         if signum == signal.SIGTERM:
             step = checkpoints[-1]
-            assert 10 < step < 30 and process.returncode == 143, process.stderr_text[-2000:]
+            assert 10 < step < 30 and code == 143, stderr[-2000:]
             state = json.loads((stopped / f"checkpoint-{step}" / "trainer_state.json").read_text())
             assert state["global_step"] == step
-            assert process.stderr_text.splitlines()[-1] == (
+            assert stderr.splitlines()[-1] == (
                 f"stopped by SIGTERM at step {step} of 30, saved in {stopped}/checkpoint-{step}: "
                 "--resume_from_checkpoint true continues the run"
             )
