@@ -644,7 +644,7 @@ def configure_wandb(training_args, resuming):
     if "WANDB_RUN_ID" not in os.environ:
         try:
             config = json.loads((Path(training_args.output_dir) / "run_config.json").read_text()) if resuming else {}
-        except (OSError, ValueError):  # written before the first checkpoint: none means none was written
+        except (OSError, ValueError):  # none or unreadable: a new W&B run
             config = {}
         if config.get("wandb_run_id"):
             os.environ.setdefault("WANDB_RESUME", "allow")

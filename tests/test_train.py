@@ -54,6 +54,19 @@ def make_trainer(model_path, tmp_path, argv=(), labels=(1.0, 0.0) * 8):
     )
 
 
+# `accelerate launch` of two DDP processes on this CPU (gloo), as --multi_gpu would start them on two GPUs
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def wait_for_checkpoint(process, checkpoint):
+    """Until `process` has saved `checkpoint` (its trainer_state.json, written last), at most 5 minutes."""
+    deadline = time.time() + 300
+    while not (checkpoint / "trainer_state.json").exists() and process.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
 def state_bytes_per_parameter(optimizer, model):
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     return state / sum(p.numel() for p in model.parameters())
@@ -218,9 +231,8 @@ def test_two_processes_of_8_pairs_a_step_train_as_one_process_of_16(minilm_witho
             "--eval_data", f"{REPO}/data/demo:test", "--eval_top_k", "30", "--eval_strategy", "steps",
             "--eval_steps", "2", "--per_device_eval_batch_size", "64", "--report_to", "none"]  # fmt: skip
     train.main([*argv, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "one")])
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py"),
-               *argv, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "two")]  # fmt: skip
+    command = [*TWO_PROCESSES, str(REPO / "train.py"), *argv, "--per_device_train_batch_size", "8", "--output_dir",
+               str(tmp_path / "two")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -242,19 +254,15 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_the
     """Under DDP the processes save a checkpoint together: a signal that reaches only one of them (here the second)
     stops both after the same step. Else one would save while the other waited for it in the next step's all-reduce."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py"),
-               "--model", minilm, "--optim", "adamw", "--train_data", f"{REPO}/data/demo:train",
-               "--negatives_per_query", "4", "--max_steps", "200", "--warmup_steps", "1", "--max_length", "64",
+    command = [*TWO_PROCESSES, str(REPO / "train.py"), "--model", minilm, "--optim", "adamw",
+               "--train_data", f"{REPO}/data/demo:train", "--negatives_per_query", "4", "--max_steps", "200",
+               "--warmup_steps", "1", "--max_length", "64",
                "--per_device_train_batch_size", "8", "--save_strategy", "steps", "--save_steps", "5",
                "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(tmp_path / "stderr", "w") as file:  # a file, not a pipe that fills up while nobody reads it
         launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=file, env=env)
-        deadline = time.time() + 300
-        while not (out / "checkpoint-5" / "trainer_state.json").exists() and launcher.poll() is None:
-            assert time.time() < deadline
-            time.sleep(0.2)
+        wait_for_checkpoint(launcher, out / "checkpoint-5")
         workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
         workers = [pid for pid in workers if "train.py" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(workers) == 2
@@ -455,10 +463,7 @@ def start_and_signal_after_checkpoint_10(command, output_dir, signum, env):
     stderr = output_dir.parent / f"{output_dir.name}.stderr"
     with open(stderr, "w") as file:  # a file, not a pipe that fills up while nobody reads it
         process = subprocess.Popen(command, env=env, cwd=output_dir.parent, stdout=subprocess.DEVNULL, stderr=file)
-        deadline = time.time() + 300
-        while not (output_dir / "checkpoint-10" / "trainer_state.json").exists() and process.poll() is None:
-            assert time.time() < deadline
-            time.sleep(0.2)
+        wait_for_checkpoint(process, output_dir / "checkpoint-10")
         time.sleep(0.5)
         process.send_signal(signum)
         process.wait()
