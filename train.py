@@ -19,6 +19,7 @@ loss), a local triples file `query<TAB>positive<TAB>negative`, or a local split 
 qrels, negatives from the run's other candidates).
 """
 
+import functools
 import json
 import logging
 import math
@@ -500,6 +501,17 @@ class StopOnSignal(TrainerCallback):
             control.should_save = control.should_evaluate = False
 
 
+def leave_stop_signals_to_the_main_process(worker_init_fn, worker_id):
+    """A data loader worker's start (`--dataloader_num_workers`): it ignores SIGTERM and SIGINT. A batch system
+    signals every process of a job, run_all.sh its run's process group and Ctrl-C the terminal's foreground group, and
+    torch fails the main process at once when a worker dies, before StopOnSignal's checkpoint. The main process ends
+    its workers itself, and a worker whose main process is gone ends too (torch's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     """The Trainer's length-grouped order, drawn from seed + epoch. The Trainer's own draws from the global RNG, which
     a resume restores only after it has drawn the interrupted epoch's order: pairs would be trained twice or never."""
@@ -577,6 +589,12 @@ class RerankerTrainer(Trainer):
             # checks max_steps only after a step, so it would train one step more than asked. Nothing is left.
             return num_train_epochs, 0
         return epochs_trained, steps_trained
+
+    def _get_dataloader(self, *args, **kwargs):
+        dataloader = super()._get_dataloader(*args, **kwargs)
+        loader = getattr(dataloader, "base_dataloader", dataloader)  # the one that accelerate's wrapper iterates
+        loader.worker_init_fn = functools.partial(leave_stop_signals_to_the_main_process, loader.worker_init_fn)
+        return dataloader
 
     def _get_eval_sampler(self, eval_dataset):
         # Keep the validation set's order (already sorted by length): rerank_metrics maps predictions back to

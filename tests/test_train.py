@@ -283,6 +283,39 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_the
     assert not (out / "model.safetensors").exists()
 
 
+def test_sigterm_to_the_whole_process_group_stops_a_run_with_data_loader_workers_after_its_checkpoint(
+    minilm, tmp_path
+):
+    """A batch system's TERM (and run_all.sh's) reaches every process of the run, its data loader workers too. A
+    worker killed by it made torch fail the main process at once (`DataLoader worker ... is killed by signal`),
+    without the checkpoint of the step under way."""
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "train.py"), "--model", minilm, "--optim", "adamw",
+               "--train_data", f"{REPO}/data/demo:train", "--negatives_per_query", "4", "--max_steps", "200",
+               "--warmup_steps", "1", "--max_length", "64", "--dataloader_num_workers", "1",
+               "--save_strategy", "steps", "--save_steps", "5", "--report_to", "none", "--disable_tqdm", "true",
+               "--output_dir", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(tmp_path / "stderr", "w") as file:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=file, env=env,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            wait_for_checkpoint(process, out / "checkpoint-5")
+            workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+            assert workers, "no data loader worker running"
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=120)
+        finally:
+            process.kill()
+    stderr = (tmp_path / "stderr").read_text()
+    assert process.returncode == 143, stderr[-3000:]
+    [step] = re.findall(r"stopped by SIGTERM at step (\d+) of 200, saved in ", stderr)
+    assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == int(step)
+    assert not (out / "model.safetensors").exists()
+    time.sleep(1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a data loader worker outlived its run"
+
+
 def test_a_nan_loss_stops_training_with_a_clear_error(minilm, tmp_path):
     trainer = make_trainer(minilm, tmp_path, ["--max_steps", "2", "--save_strategy", "no"], labels=[float("nan")] * 4)
     with pytest.raises(train.NonFiniteLossError, match="loss became nan at step 1"):
