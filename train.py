@@ -755,9 +755,9 @@ def main(argv=None):
         sys.exit(1)
     stop = trainer.stop_on_signal
     if stop.stopped_at is not None:  # no final model: run_all.sh and a resume take the run for unfinished
-        checkpoint = Path(training_args.output_dir) / f"checkpoint-{stop.stopped_at}"
+        saved = Path(training_args.output_dir) / f"checkpoint-{stop.stopped_at}"
         print(f"stopped by {stop.signal.name} at step {stop.stopped_at} of {trainer.state.max_steps}, saved in "
-              f"{checkpoint}: --resume_from_checkpoint true continues the run", file=sys.stderr)  # fmt: skip
+              f"{saved}: --resume_from_checkpoint true continues the run", file=sys.stderr)  # fmt: skip
         leave_process_group(trainer.accelerator.state)
         sys.exit(128 + stop.signal)
     trainer.log_metrics("train", result.metrics)

@@ -250,15 +250,22 @@ def test_two_processes_of_8_pairs_a_step_train_as_one_process_of_16(minilm_witho
     assert "find_unused_parameters=True" not in done.stderr
 
 
+def stoppable_run(minilm, output_dir, *extra):
+    """train.py and its flags for a 200-step run on data/demo, checkpointed every 5 steps, to be stopped by a signal."""
+    return [str(REPO / "train.py"), "--model", minilm, "--optim", "adamw", "--train_data", f"{REPO}/data/demo:train",
+            "--negatives_per_query", "4", "--max_steps", "200", "--warmup_steps", "1", "--max_length", "64",
+            "--save_strategy", "steps", "--save_steps", "5", "--report_to", "none", "--disable_tqdm", "true",
+            "--output_dir", str(output_dir), *extra]  # fmt: skip
+
+
+STOPPED_AT = r"stopped by SIGTERM at step (\d+) of 200, saved in "  # stoppable_run's stop line
+
+
 def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_their_checkpoint(minilm, tmp_path):
     """Under DDP the processes save a checkpoint together: a signal that reaches only one of them (here the second)
     stops both after the same step. Else one would save while the other waited for it in the next step's all-reduce."""
     out = tmp_path / "out"
-    command = [*TWO_PROCESSES, str(REPO / "train.py"), "--model", minilm, "--optim", "adamw",
-               "--train_data", f"{REPO}/data/demo:train", "--negatives_per_query", "4", "--max_steps", "200",
-               "--warmup_steps", "1", "--max_length", "64",
-               "--per_device_train_batch_size", "8", "--save_strategy", "steps", "--save_steps", "5",
-               "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(out)]  # fmt: skip
+    command = [*TWO_PROCESSES, *stoppable_run(minilm, out, "--per_device_train_batch_size", "8")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(tmp_path / "stderr", "w") as file:  # a file, not a pipe that fills up while nobody reads it
         launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=file, env=env)
@@ -272,7 +279,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_the
         finally:
             launcher.kill()
     stderr = (tmp_path / "stderr").read_text()
-    stops = re.findall(r"stopped by SIGTERM at step (\d+) of 200, saved in ", stderr)  # one line from each process
+    stops = re.findall(STOPPED_AT, stderr)  # one line from each process
     assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
     step = int(stops[0])
     assert 5 < step < 200 and launcher.returncode != 0
@@ -290,11 +297,7 @@ def test_sigterm_to_the_whole_process_group_stops_a_run_with_data_loader_workers
     worker killed by it made torch fail the main process at once (`DataLoader worker ... is killed by signal`),
     without the checkpoint of the step under way."""
     out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "train.py"), "--model", minilm, "--optim", "adamw",
-               "--train_data", f"{REPO}/data/demo:train", "--negatives_per_query", "4", "--max_steps", "200",
-               "--warmup_steps", "1", "--max_length", "64", "--dataloader_num_workers", "1",
-               "--save_strategy", "steps", "--save_steps", "5", "--report_to", "none", "--disable_tqdm", "true",
-               "--output_dir", str(out)]  # fmt: skip
+    command = [sys.executable, *stoppable_run(minilm, out, "--dataloader_num_workers", "1")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(tmp_path / "stderr", "w") as file:
         process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=file, env=env,
@@ -309,7 +312,7 @@ def test_sigterm_to_the_whole_process_group_stops_a_run_with_data_loader_workers
             process.kill()
     stderr = (tmp_path / "stderr").read_text()
     assert process.returncode == 143, stderr[-3000:]
-    [step] = re.findall(r"stopped by SIGTERM at step (\d+) of 200, saved in ", stderr)
+    [step] = re.findall(STOPPED_AT, stderr)
     assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == int(step)
     assert not (out / "model.safetensors").exists()
     time.sleep(1)
