@@ -56,7 +56,7 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
 from reranker import (
     PRESETS,
@@ -84,6 +84,7 @@ HUB_TRAIN_PAIRS = 2_000_000  # the thesis code's dataset_size: its first 1 M tri
 HUB_EVAL_PAIRS = 10_000  # the thesis code's train_test_split(test_size=10_000) of those pairs: its evaluation loss
 EVAL_PAIRS_STEPS = 0.05  # held-out pairs are cheap to evaluate: every 5% of the run, a curve of 20 points
 HOLD_OUT_SEED = 0  # the same held-out pairs for every run, whatever its --seed, so their evaluation losses compare
+STOP_NOTE = "saved_by_a_stop.txt"  # in a checkpoint saved only because a signal stopped the run: removed when it ends
 
 
 @dataclass
@@ -461,6 +462,7 @@ class StopOnSignal(TrainerCallback):
     def __init__(self):
         self.signal = None  # the first signal received
         self.stopped_at = None  # the step a signal stopped training after (None: it ran to its last step)
+        self.saved_anyway = False  # whether the save strategy saves that step too (an epoch's end, a --save_steps)
 
     @contextmanager
     def catching_signals(self):
@@ -493,8 +495,16 @@ class StopOnSignal(TrainerCallback):
             stop = flag.item() > 0
             self.signal = self.signal or (signal.SIGTERM if stop else None)  # another process received it
         if stop and state.global_step < state.max_steps:  # at the last step the run ends (and saves) as it would
+            epoch_end = args.save_strategy == SaveStrategy.EPOCH and float(state.epoch).is_integer()
+            self.saved_anyway = control.should_save or epoch_end  # the Trainer's flow callback has set `steps` saves
             control.should_save, control.should_evaluate, control.should_training_stop = True, False, True
             self.stopped_at = state.global_step
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stopped_at == state.global_step and not self.saved_anyway and state.is_world_process_zero:
+            note = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / STOP_NOTE
+            note.write_text(f"{self.signal.name} stopped the run after this step. This checkpoint is for resuming "
+                            "only: train.py removes it when the run finishes.\n")  # fmt: skip
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.stopped_at is not None:  # the checkpoint is saved; the epoch's evaluation would delay the exit
@@ -613,6 +623,17 @@ class RerankerTrainer(Trainer):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def remove_stop_checkpoints(output_dir):
+    """A finished run's checkpoints saved only by a stop (mid-epoch): they served its resume, and would otherwise
+    cost disk and stand beside the epoch checkpoints as runs of their own (`evaluate.py --models runs/*/checkpoint-*`).
+    Each is renamed before it is deleted, so a kill on the way leaves no half a checkpoint under its name."""
+    for note in sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*/{STOP_NOTE}")):
+        doomed = note.parent.with_name(f".{note.parent.name}.removing")
+        shutil.rmtree(doomed, ignore_errors=True)  # left by a kill during an earlier removal
+        shutil.rmtree(note.parent.rename(doomed))
+        logger.info("Removed %s: saved by a stop to resume from, and the run has finished", note.parent)
 
 
 def prepare_output_dir(script_args, training_args, resuming=False):
@@ -766,6 +787,8 @@ def main(argv=None):
     # 6. Save the final model (safetensors) and tokenizer at the root of output_dir.
     trainer.save_model()
     trainer.save_state()
+    if trainer.is_world_process_zero():
+        remove_stop_checkpoints(training_args.output_dir)
     if eval_dataset is not None:  # the final model's validation metrics, evaluated once
         last = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
         reuse = last and not training_args.load_best_model_at_end

@@ -16,7 +16,13 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, GteConfig, ModernBertConfig
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GteConfig,
+    ModernBertConfig,
+    TrainerCallback,
+)
 
 import train
 from reranker import PRESETS, InputError, Preset, evaluate_run, load_split, rerank
@@ -319,6 +325,33 @@ def test_sigterm_to_the_whole_process_group_stops_a_run_with_data_loader_workers
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a data loader worker outlived its run"
 
 
+@pytest.mark.parametrize("stop_after, for_resuming_only", [(2, True), (4, False)])
+def test_a_stop_inside_an_epoch_saves_a_checkpoint_removed_when_the_run_finishes_and_one_at_its_end_is_kept(
+    minilm, tmp_path, stop_after, for_resuming_only
+):
+    """With --save_strategy epoch (the default), checkpoint-4 is the first epoch's: a stop after step 4 saves it as
+    usual, a stop after step 2 saves checkpoint-2 only to resume from. Kept, the thesis's best-epoch evaluation
+    (`evaluate.py --models runs/*/checkpoint-*`) would take it for an epoch."""
+    argv = ["--optim", "adamw", "--num_train_epochs", "2", "--save_strategy", "epoch", "--warmup_steps", "0"]
+    trainer = make_trainer(minilm, tmp_path, argv, labels=[1.0, 0.0] * 32)  # 64 pairs: 4 steps an epoch
+
+    class SignalDuringStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == stop_after:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.add_callback(SignalDuringStep())
+    trainer.train()
+    assert trainer.stop_on_signal.stopped_at == stop_after
+    checkpoint = tmp_path / "out" / f"checkpoint-{stop_after}"
+    assert (checkpoint / "trainer_state.json").exists()
+    assert (checkpoint / train.STOP_NOTE).exists() == for_resuming_only
+    train.remove_stop_checkpoints(tmp_path / "out")  # as train.py does once a run has finished
+    assert checkpoint.exists() != for_resuming_only
+    assert [path.name for path in (tmp_path / "out").iterdir() if "checkpoint" in path.name] == (
+        [] if for_resuming_only else ["checkpoint-4"])  # fmt: skip
+
+
 def test_a_nan_loss_stops_training_with_a_clear_error(minilm, tmp_path):
     trainer = make_trainer(minilm, tmp_path, ["--max_steps", "2", "--save_strategy", "no"], labels=[float("nan")] * 4)
     with pytest.raises(train.NonFiniteLossError, match="loss became nan at step 1"):
@@ -538,9 +571,13 @@ def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill_or_sigterm(minilm
                 f"stopped by SIGTERM at step {step} of 30, saved in {stopped}/checkpoint-{step}: "
                 "--resume_from_checkpoint true continues the run"
             )
+            # a checkpoint between those of --save_steps 10 is for the resume only
+            assert (stopped / f"checkpoint-{step}" / train.STOP_NOTE).exists() == (step != 20)
         resumed = subprocess.run(train_command(minilm, stopped, "--resume_from_checkpoint", "true"), env=env,
                                  capture_output=True, cwd=tmp_path)  # fmt: skip
         assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+        assert sorted(path.name for path in stopped.iterdir() if "checkpoint" in path.name) == [
+            "checkpoint-10", "checkpoint-20", "checkpoint-30"]  # fmt: skip
         expected, actual = load_file(full / "model.safetensors"), load_file(stopped / "model.safetensors")
         assert expected.keys() == actual.keys()
         for name in expected:
