@@ -3,9 +3,10 @@
     python report.py --results results      # reads results/eval/metrics.json and results/runs/*/trainer_state.json
 
 Writes `results/table.md` (per data: one row per system, mean ± standard deviation over seeds when a configuration
-ran with several; Lion tested against AdamW per backbone) and `results/figures/*.png`: per backbone, Lion and AdamW
-overlaid for training loss, evaluation loss, learning rate and gradient norm (thesis Figures 5.1-5.10), and a bar
-chart of the table's metrics.
+ran with several; Lion tested against AdamW per backbone; the same per checkpoint where run_all.sh evaluated the
+runs' checkpoints into results/eval-checkpoints/) and `results/figures/*.png`: per backbone, Lion and AdamW overlaid
+for training loss, evaluation loss, learning rate and gradient norm (thesis Figures 5.1-5.10), and a bar chart of the
+table's metrics.
 """
 
 import json
@@ -47,19 +48,42 @@ class Configuration:
     name: str
     backbone: str | None
     optimizer: str | None
+    when: str = ""  # for checkpoints: their place in the runs (`epoch 1`, `step 500`)
     systems: list = field(default_factory=list)
 
 
-def configurations(system_names):
-    """Group systems named `BACKBONE-OPTIM[-seedN]` over seeds; other names (BM25, untrained) stand alone."""
+def group_name(configuration, when=""):
+    return f"{configuration} {when}".rstrip()
+
+
+def configurations(system_names, checkpoints=None):
+    """Group systems named `BACKBONE-OPTIM[-seedN]` over seeds; other names (BM25, untrained) stand alone.
+    `checkpoints` {system: (run, when)} groups checkpoints per configuration and place in the run."""
     groups = {}
     for system in system_names:
-        name = re.sub(r"-seed\d+$", "", system)
-        backbone, _, optimizer = name.rpartition("-")
+        run, when = (checkpoints or {}).get(system, (system, ""))
+        configuration = re.sub(r"-seed\d+$", "", run)
+        backbone, _, optimizer = configuration.rpartition("-")
         if optimizer not in OPTIMIZERS:
             backbone, optimizer = None, None
-        groups.setdefault(name, Configuration(name, backbone, optimizer)).systems.append(system)
+        name = group_name(configuration, when)
+        groups.setdefault(name, Configuration(name, backbone, optimizer, when)).systems.append(system)
     return list(groups.values())
+
+
+def checkpoint_places(systems, runs_dir):
+    """{system: (run, when)} for evaluate.py's checkpoint systems (`RUN-checkpoint-STEP`), in the order of run and
+    step: `epoch N` where the checkpoint ends an epoch (its trainer_state.json says so), else `step STEP`."""
+    places = {}
+    for system in [s for s in systems if "-checkpoint-" in s]:  # not the first stage's row (BM25)
+        run, _, step = system.rpartition("-checkpoint-")
+        state = runs_dir / run / f"checkpoint-{step}" / "trainer_state.json"
+        epoch = read_json(state).get("epoch") if state.is_file() else None
+        ends_epoch = bool(epoch) and float(epoch).is_integer()
+        places[system] = (run, f"epoch {int(epoch)}" if ends_epoch else f"step {step}")
+    runs = list(dict.fromkeys(run for run, _ in places.values()))
+    order = sorted(places, key=lambda system: (runs.index(places[system][0]), int(system.rpartition("-")[2])))
+    return {system: places[system] for system in order}
 
 
 def mean_std(values):
@@ -101,7 +125,7 @@ def read_per_query(spec, metrics, eval_dir):
 def config_cell(group, groups, metrics, per_query, measure):
     """mean (± std over seeds) of a configuration, marked where Lion differs from AdamW on the same backbone."""
     text = mean_std([metrics[s][measure] for s in group.systems])
-    adamw = groups.get(f"{group.backbone}-adamw") if group.optimizer == "lion" else None
+    adamw = groups.get(group_name(f"{group.backbone}-adamw", group.when)) if group.optimizer == "lion" else None
     if adamw is not None:
         p = paired_p_value(
             seed_averaged([per_query[s] for s in group.systems]),
@@ -116,24 +140,25 @@ def row_name(group):
     return group.name + (f" ({len(group.systems)} seeds)" if len(group.systems) > 1 else "")
 
 
-def data_table(spec, metrics, eval_dir):
+def data_table(spec, metrics, eval_dir, checkpoints=None):
     """Markdown table of one data spec, and the bar chart's values {configuration: {column: mean}}."""
     columns, per_query = measure_columns(metrics), read_per_query(spec, metrics, eval_dir)
-    groups = {group.name: group for group in configurations(list(metrics))}
+    groups = {group.name: group for group in configurations(list(checkpoints or metrics), checkpoints)}
     rows = [
         [row_name(g)] + [config_cell(g, groups, metrics, per_query, m) for m in columns.values()]
         for g in groups.values()
     ]
     bars = {g.name: {c: statistics.mean(metrics[s][m] for s in g.systems) for c, m in columns.items()} for g in groups.values()}
-    return f"## {spec}\n\n{markdown_table(['System', *columns], rows)}\n", bars
+    heading = f"{spec}, per checkpoint" if checkpoints else spec
+    return f"## {heading}\n\n{markdown_table(['System', *columns], rows)}\n", bars
 
 
-def thesis_table(metrics, eval_dir, dev):
+def thesis_table(metrics, eval_dir, dev, checkpoints=None):
     """The thesis's Table 5.1 layout: NDCG@10, MAP, R-Prec, P@10 on TREC DL 2019 and MRR@10 on a dev set."""
     dl19_columns, dev_columns = measure_columns(metrics["dl19"]), measure_columns(metrics[dev])
     dl19_per_query, dev_per_query = read_per_query("dl19", metrics["dl19"], eval_dir), read_per_query(dev, metrics[dev], eval_dir)
-    dl19_groups = {g.name: g for g in configurations(list(metrics["dl19"]))}
-    dev_groups = {g.name: g for g in configurations(list(metrics[dev]))}
+    dl19_groups = {g.name: g for g in configurations(list(checkpoints or metrics["dl19"]), checkpoints)}
+    dev_groups = {g.name: g for g in configurations(list(checkpoints or metrics[dev]), checkpoints)}
     rows = [
         [row_name(g)]
         + [config_cell(g, dl19_groups, metrics["dl19"], dl19_per_query, dl19_columns[c]) for c in THESIS_DL19_COLUMNS]
@@ -142,7 +167,21 @@ def thesis_table(metrics, eval_dir, dev):
         if name in dev_groups
     ]
     header = ["System"] + [f"{c} (DL19)" for c in THESIS_DL19_COLUMNS] + [f"MRR@10 ({dev})"]
-    return f"## Thesis layout (Table 5.1): TREC DL 2019 and {dev}\n\n{markdown_table(header, rows)}\n"
+    heading = f"Thesis layout (Table 5.1): TREC DL 2019 and {dev}" + (", per checkpoint" if checkpoints else "")
+    return f"## {heading}\n\n{markdown_table(header, rows)}\n"
+
+
+def sections(metrics, eval_dir, checkpoints=None):
+    """The tables of one evaluate.py output (the thesis layout first, where it can be shown), and the bar charts'
+    values per data spec."""
+    tables, bars = [], {}
+    for spec, systems in metrics.items():
+        table, bars[spec] = data_table(spec, systems, eval_dir, checkpoints)
+        tables.append(table)
+    for dev in [d for d in DEV_SETS if "dl19" in metrics and d in metrics]:
+        if has_thesis_columns(measure_columns(metrics["dl19"]), measure_columns(metrics[dev])):
+            tables.insert(0, thesis_table(metrics, eval_dir, dev, checkpoints))
+    return tables, bars
 
 
 def training_curves(runs_dir):
@@ -215,21 +254,23 @@ def main(argv=None):
     figures_dir = results / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
 
-    # 2. The table, per data spec, and its bar chart
-    sections, figures = [], []
-    for spec, systems in metrics.items():
-        section, bars = data_table(spec, systems, results / "eval")
-        sections.append(section)
-        figures.append(plot_bars(spec, bars, figures_dir))
-    for dev in [d for d in DEV_SETS if "dl19" in metrics and d in metrics]:
-        if has_thesis_columns(measure_columns(metrics["dl19"]), measure_columns(metrics[dev])):
-            sections.insert(0, thesis_table(metrics, results / "eval", dev))
-    seeds_note = ", per-query values averaged over seeds" if "seeds)" in "".join(sections) else ""
+    # 2. The tables of the final models, per data spec, and their bar charts
+    tables, bars = sections(metrics, results / "eval")
+    figures = [plot_bars(spec, values, figures_dir) for spec, values in bars.items()]
+
+    # 3. The same per checkpoint, where run_all.sh evaluated them: the thesis tracked its three epochs and reported
+    #    each run's best
+    checkpoints_file = results / "eval-checkpoints" / "metrics.json"
+    if checkpoints_file.is_file():
+        per_checkpoint = read_json(checkpoints_file)
+        places = checkpoint_places(list(next(iter(per_checkpoint.values()), {})), results / "runs")
+        tables += sections(per_checkpoint, results / "eval-checkpoints", places)[0]
+    seeds_note = ", per-query values averaged over seeds" if "seeds)" in "".join(tables) else ""
     note = f"{LION_MARK} Lion differs from AdamW on the same backbone, p < {ALPHA} (two-sided paired t-test over queries"
-    table = "# Results\n\n" + "\n".join(sections) + f"\n{note}{seeds_note}).\n"
+    table = "# Results\n\n" + "\n".join(tables) + f"\n{note}{seeds_note}).\n"
     write_atomic(results / "table.md", table)
 
-    # 3. Training dynamics
+    # 4. Training dynamics
     figures += plot_curves(training_curves(results / "runs"), figures_dir)
     print(table)
     print(f"Wrote {results / 'table.md'} and {len(figures)} figures in {figures_dir}")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The thesis's study in one command: {minilm,gte,modernbert} x {adamw,lion} trained on MS MARCO, each model
-# evaluated on TREC DL 2019 and MS MARCO dev by reranking BM25 top-1000, then the results table and figures.
+# evaluated on TREC DL 2019 and MS MARCO dev by reranking BM25 top-1000 (each epoch's checkpoint too), then the
+# results table and figures.
 #
 #   bash run_all.sh                                   # the full grid on the local GPUs (one run per GPU at a time)
 #   bash run_all.sh --models "minilm" --seeds "1 2 3" -- --max_train_pairs 200000
@@ -21,6 +22,7 @@ OPTIMS="adamw lion"
 SEEDS="42"                              # several: the table shows mean ± std over seeds
 OUTPUT="results"
 EVAL_DATA="dl19 dev-small msmarco-v1.1-val"  # msmarco-v1.1-val: the protocol of the thesis's MRR@10 column
+CHECKPOINT_DATA="dl19 msmarco-v1.1-val"  # each epoch's checkpoint on the thesis table's data (dev-small: 7 M pairs)
 TOP_K=1000                              # BM25 candidates reranked per query
 CANDIDATES=""                           # "dl19=FILE ...": ranked candidates instead of the official set (evaluate.py)
 GPUS=""                                 # the GPUs to use, e.g. "0 1" (default: every visible one)
@@ -99,6 +101,7 @@ if [ "$DEMO" = 1 ]; then
   MODELS="$MINILM"
   [ "$OUTPUT" = results ] && OUTPUT="results/demo"
   EVAL_DATA="data/demo:test"
+  CHECKPOINT_DATA="$EVAL_DATA"
   TOP_K=30
   COMMON_FLAGS=(--train_data data/demo:train --negatives_per_query 4 --eval_data data/demo:test --eval_top_k "$TOP_K"
                 --max_steps 100 --warmup_steps 10 --learning_rate 2e-5 --max_length 128 --logging_steps 5
@@ -245,18 +248,30 @@ m.save_pretrained(sys.argv[2]); t.save_pretrained(sys.argv[2])" "$MINILM" "$OUTP
   RUN_DIRS=("$OUTPUT/runs/untrained" "${RUN_DIRS[@]}")
 fi
 
-# 2. Evaluate every model on every data (skipped when metrics.json is newer than every model)
-METRICS="$OUTPUT/eval/metrics.json"
-stale=0
+# 2. Evaluate every model on every data, and every run's checkpoints (each epoch's, by default) on the data of the
+# thesis's table, which tracked three epochs and reported each run's best
+# evaluate_models OUTPUT_DIR "DATA" MODEL...: evaluate.py, unless OUTPUT_DIR/metrics.json is newer than every model
+evaluate_models() {
+  local output_dir=$1 data=$2 model candidates=""
+  shift 2
+  for model in "$@"; do
+    if [ ! "$output_dir/metrics.json" -nt "$model/model.safetensors" ]; then  # stale: evaluated before this model
+      for pair in $CANDIDATES; do [[ " $data " != *" ${pair%%=*} "* ]] || candidates+=" $pair"; done
+      "${EVALUATE[@]}" evaluate.py --models "$@" --data $data --top_k "$TOP_K" --output_dir "$output_dir" \
+        ${candidates:+--candidates $candidates} --overwrite_output_dir
+      return
+    fi
+  done
+  echo "== $output_dir/metrics.json: up to date, skipped"
+}
+evaluate_models "$OUTPUT/eval" "$EVAL_DATA" "${RUN_DIRS[@]}"
+CHECKPOINTS=()
 for dir in "${RUN_DIRS[@]}"; do
-  [ "$METRICS" -nt "$dir/model.safetensors" ] || stale=1
+  for checkpoint in "$dir"/checkpoint-*; do
+    if [ -f "$checkpoint/model.safetensors" ]; then CHECKPOINTS+=("$checkpoint"); fi
+  done
 done
-if [ "$stale" = 1 ]; then
-  "${EVALUATE[@]}" evaluate.py --models "${RUN_DIRS[@]}" --data $EVAL_DATA --top_k "$TOP_K" --output_dir "$OUTPUT/eval" \
-    ${CANDIDATES:+--candidates $CANDIDATES} --overwrite_output_dir  # stale: a model is newer than the evaluation
-else
-  echo "== $METRICS: up to date, skipped"
-fi
+[ "${#CHECKPOINTS[@]}" = 0 ] || evaluate_models "$OUTPUT/eval-checkpoints" "$CHECKPOINT_DATA" "${CHECKPOINTS[@]}"
 
 # 3. The table (results/table.md) and the figures (results/figures/)
 "$PYTHON" report.py --results "$OUTPUT"

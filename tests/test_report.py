@@ -11,10 +11,10 @@ from evaluate import data_folder
 MEASURES = ["nDCG@10", "AP(rel=2)", "RR(rel=2)@10", "Rprec(rel=2)", "P(rel=2)@10"]  # evaluate.py's default set
 
 
-def write_eval(results, spec, per_query, offset=0.0):
+def write_eval(results, spec, per_query, offset=0.0, eval_dir="eval"):
     """An evaluate.py output for `spec` from per-query values {system: {query: value}}: measure i of the five defaults
     gets value + offset + 0.01 i, so every column and data set has numbers of its own."""
-    folder = results / "eval" / data_folder(spec)
+    folder = results / eval_dir / data_folder(spec)
     folder.mkdir(parents=True, exist_ok=True)
     metrics = {}
     for system, values in per_query.items():
@@ -76,6 +76,56 @@ def test_table_shows_mean_and_std_over_seeds_marks_lion_vs_adamw_and_the_thesis_
     figures = {p.name for p in (tmp_path / "figures").glob("*.png")}
     assert figures == {"minilm-loss.png", "minilm-learning_rate.png", "minilm-grad_norm.png",
                        "metrics-dl19.png", "metrics-dev-small.png"}  # no eval loss logged: no eval-loss figure
+
+
+def test_checkpoints_are_rows_per_configuration_and_epoch_with_lion_tested_against_adamw_at_the_same_epoch(tmp_path):
+    """run_all.sh's eval-checkpoints/: checkpoint systems (`RUN-checkpoint-STEP`) become rows `CONFIGURATION epoch N`,
+    over seeds, and `... step STEP` for a checkpoint inside an epoch; their first stage's row is the final table's."""
+    queries = range(8)
+    final = {"minilm-adamw-seed1": {f"q{i}": 0.6 for i in queries}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"dl19": write_eval(tmp_path, "dl19", final)}))
+    epochs = {"minilm-adamw-seed1": {100: 1.0, 200: 2.0}, "minilm-adamw-seed2": {100: 1.0, 200: 2.0},
+              "minilm-lion-seed1": {200: 2.0, 100: 1.0, 150: 1.5}}  # fmt: skip
+    for run, steps in epochs.items():
+        for step, epoch in steps.items():
+            checkpoint = tmp_path / "runs" / run / f"checkpoint-{step}"
+            checkpoint.mkdir(parents=True)
+            (checkpoint / "trainer_state.json").write_text(json.dumps({"epoch": epoch}))
+    per_query = {
+        "BM25": {f"q{i}": 0.3 for i in queries},
+        # epoch 1: Lion better than AdamW on every query but one (0.50 + 0.01 i against 0.50): p = 0.005, marked
+        "minilm-adamw-seed1-checkpoint-100": {f"q{i}": 0.5 for i in queries},
+        "minilm-adamw-seed2-checkpoint-100": {f"q{i}": 0.5 for i in queries},
+        "minilm-lion-seed1-checkpoint-100": {f"q{i}": 0.5 + 0.01 * i for i in queries},
+        "minilm-lion-seed1-checkpoint-150": {f"q{i}": 0.55 for i in queries},
+        # epoch 2: AdamW's seeds 0.5 and 0.7, Lion 0.6 on every query: p = 1, no mark
+        "minilm-adamw-seed1-checkpoint-200": {f"q{i}": 0.5 for i in queries},
+        "minilm-adamw-seed2-checkpoint-200": {f"q{i}": 0.7 for i in queries},
+        "minilm-lion-seed1-checkpoint-200": {f"q{i}": 0.6 for i in queries},
+    }
+    metrics = {spec: write_eval(tmp_path, spec, per_query, eval_dir="eval-checkpoints")
+               for spec in ("dl19", "msmarco-v1.1-val")}  # fmt: skip
+    (tmp_path / "eval-checkpoints" / "metrics.json").write_text(json.dumps(metrics))
+
+    report.main(["--results", str(tmp_path)])
+    table = (tmp_path / "table.md").read_text()
+
+    final_table, checkpoints = table.split("## Thesis layout (Table 5.1): TREC DL 2019 and msmarco-v1.1-val, per ")
+    assert "| minilm-adamw | 0.6000 |" in final_table and "epoch" not in final_table
+    thesis, dl19 = checkpoints.split("## dl19, per checkpoint")
+    dl19 = dl19.split("## msmarco-v1.1-val, per checkpoint")[0]
+    rows = [line.split(" | ")[:2] for line in dl19.splitlines() if line.startswith("| minilm")]
+    assert rows == [
+        ["| minilm-adamw epoch 1 (2 seeds)", "0.5000 ± 0.0000"],
+        ["| minilm-adamw epoch 2 (2 seeds)", "0.6000 ± 0.1414"],
+        ["| minilm-lion epoch 1", "0.5350‡"],
+        ["| minilm-lion step 150", "0.5500"],
+        ["| minilm-lion epoch 2", "0.6000"],
+    ]
+    assert "BM25" not in checkpoints
+    # NDCG@10, MAP, R-Prec, P@10 of dl19 (measures 0, 1, 3, 4) and MRR@10 of msmarco-v1.1-val (2)
+    assert "| minilm-lion epoch 1 | 0.5350‡ | 0.5450‡ | 0.5650‡ | 0.5750‡ | 0.5550‡ |" in thesis
 
 
 def test_measures_chosen_with_metrics_keep_their_own_names_and_there_is_no_thesis_layout(tmp_path):

@@ -85,6 +85,13 @@ def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resume
     table = (output / "table.md").read_text()
     for row in ("| BM25 |", "| untrained |", "| minilm-l6-adamw |", "| minilm-l6-lion |"):
         assert row in table and row in first.stdout
+    # Every run's checkpoints (steps 2 and 4 here, inside the demo's first epoch) evaluated too; the last one holds
+    # the final model's weights, and scores as it does
+    final, per_checkpoint = table.split("## data/demo:test, per checkpoint")
+    for run in ("minilm-l6-adamw", "minilm-l6-lion"):
+        assert f"| {run} step 2 |" in per_checkpoint
+        [final_row] = [line for line in final.splitlines() if line.startswith(f"| {run} |")]
+        assert final_row.replace(f"| {run} |", f"| {run} step 4 |") in per_checkpoint
     figures = {p.name for p in (output / "figures").glob("*.png")}
     assert {f"minilm-l6-{curve}.png" for curve in ("loss", "eval_loss", "learning_rate", "grad_norm")} <= figures
     assert "metrics-demo-test.png" in figures
@@ -94,7 +101,7 @@ def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resume
 
     second = run_all(output, *short)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("finished, skipped") == 2 and "up to date, skipped" in second.stdout
+    assert second.stdout.count("finished, skipped") == 2 and second.stdout.count("up to date, skipped") == 2
     after = [m.stat().st_mtime_ns for m in models] + [(output / "eval" / "metrics.json").stat().st_mtime_ns]
     assert before == after
     assert (output / "table.md").read_text() == table
@@ -124,8 +131,9 @@ def test_demo_ends_with_table_and_figures_a_rerun_skips_finished_work_and_resume
     assert {a_gpu, l_gpu} == {"CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"}
     assert a_start < l_end and l_start < a_end  # they overlapped
     assert calls["evaluate.py"][2] == "CUDA_VISIBLE_DEVICES=0,1"
-    [eval_launch] = accelerate  # train.py runs without a launcher
-    assert eval_launch[:3] == ["launch", "--num_processes", "2"] and "evaluate.py" in eval_launch
+    assert len(accelerate) == 2  # the final models, then the checkpoints; train.py runs without a launcher
+    for eval_launch in accelerate:
+        assert eval_launch[:3] == ["launch", "--num_processes", "2"] and "evaluate.py" in eval_launch
     assert "up to date, skipped" not in third.stdout
     assert (output / "eval" / "metrics.json").stat().st_mtime_ns > before[-1]
     assert (output / "table.md").read_text() == table  # the same models give the same numbers
