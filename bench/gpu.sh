@@ -3,8 +3,9 @@
 # `accelerate launch` with DeepSpeed ZeRO-2 and Lion 8-bit, naming the optimizer DeepSpeed really steps, beside
 # the same steps without DeepSpeed.
 # From the repository root on the GPU machine, with the missing packages as wheels in .whl/ and a BERT uncased
-# tokenizer in .gpu/tokenizer/ (see bench/RESULTS.md for how they were made):
-#   bash bench/gpu.sh
+# tokenizer in .gpu/tokenizer/ (`bash bench/gpu_prep.sh` makes both where pip reaches the registry; carry them):
+#   bash bench/gpu.sh                  # the whole check
+#   bash bench/gpu.sh --rerank_only    # the reranking table alone
 set -uo pipefail
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
