@@ -267,9 +267,9 @@ evaluate_models() {
 evaluate_models "$OUTPUT/eval" "$EVAL_DATA" "${RUN_DIRS[@]}"
 CHECKPOINTS=()
 for dir in "${RUN_DIRS[@]}"; do
-  for checkpoint in "$dir"/checkpoint-*; do
-    if [ -f "$checkpoint/model.safetensors" ]; then CHECKPOINTS+=("$checkpoint"); fi
-  done
+  while IFS= read -r model; do
+    if [ -f "$model" ]; then CHECKPOINTS+=("${model%/model.safetensors}"); fi
+  done < <(printf '%s\n' "$dir"/checkpoint-*/model.safetensors | sort -V)  # by step: checkpoint-50 before -100
 done
 [ "${#CHECKPOINTS[@]}" = 0 ] || evaluate_models "$OUTPUT/eval-checkpoints" "$CHECKPOINT_DATA" "${CHECKPOINTS[@]}"
 
