@@ -71,6 +71,11 @@ def configurations(system_names, checkpoints=None):
     return list(groups.values())
 
 
+def groups_by_name(systems, checkpoints=None):
+    """{row name: Configuration} of one data spec's systems, or of the checkpoints among them where given."""
+    return {group.name: group for group in configurations(list(checkpoints or systems), checkpoints)}
+
+
 def checkpoint_places(systems, runs_dir):
     """{system: (run, when)} for evaluate.py's checkpoint systems (`RUN-checkpoint-STEP`), in the order of run and
     step: `epoch N` where the checkpoint ends an epoch (its trainer_state.json says so), else `step STEP`."""
@@ -143,7 +148,7 @@ def row_name(group):
 def data_table(spec, metrics, eval_dir, checkpoints=None):
     """Markdown table of one data spec, and the bar chart's values {configuration: {column: mean}}."""
     columns, per_query = measure_columns(metrics), read_per_query(spec, metrics, eval_dir)
-    groups = {group.name: group for group in configurations(list(checkpoints or metrics), checkpoints)}
+    groups = groups_by_name(metrics, checkpoints)
     rows = [
         [row_name(g)] + [config_cell(g, groups, metrics, per_query, m) for m in columns.values()]
         for g in groups.values()
@@ -157,8 +162,7 @@ def thesis_table(metrics, eval_dir, dev, checkpoints=None):
     """The thesis's Table 5.1 layout: NDCG@10, MAP, R-Prec, P@10 on TREC DL 2019 and MRR@10 on a dev set."""
     dl19_columns, dev_columns = measure_columns(metrics["dl19"]), measure_columns(metrics[dev])
     dl19_per_query, dev_per_query = read_per_query("dl19", metrics["dl19"], eval_dir), read_per_query(dev, metrics[dev], eval_dir)
-    dl19_groups = {g.name: g for g in configurations(list(checkpoints or metrics["dl19"]), checkpoints)}
-    dev_groups = {g.name: g for g in configurations(list(checkpoints or metrics[dev]), checkpoints)}
+    dl19_groups, dev_groups = groups_by_name(metrics["dl19"], checkpoints), groups_by_name(metrics[dev], checkpoints)
     rows = [
         [row_name(g)]
         + [config_cell(g, dl19_groups, metrics["dl19"], dl19_per_query, dl19_columns[c]) for c in THESIS_DL19_COLUMNS]

@@ -500,9 +500,13 @@ class StopOnSignal(TrainerCallback):
             control.should_save, control.should_evaluate, control.should_training_stop = True, False, True
             self.stopped_at = state.global_step
 
+    def checkpoint(self, output_dir):
+        """The stop's checkpoint folder, as the Trainer names it."""
+        return Path(output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.stopped_at}"
+
     def on_save(self, args, state, control, **kwargs):
         if self.stopped_at == state.global_step and not self.saved_anyway and state.is_world_process_zero:
-            note = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / STOP_NOTE
+            note = self.checkpoint(args.output_dir) / STOP_NOTE
             note.write_text(f"{self.signal.name} stopped the run after this step. This checkpoint is for resuming "
                             "only: train.py removes it when the run finishes.\n")  # fmt: skip
 
@@ -776,9 +780,9 @@ def main(argv=None):
         sys.exit(1)
     stop = trainer.stop_on_signal
     if stop.stopped_at is not None:  # no final model: run_all.sh and a resume take the run for unfinished
-        saved = Path(training_args.output_dir) / f"checkpoint-{stop.stopped_at}"
         print(f"stopped by {stop.signal.name} at step {stop.stopped_at} of {trainer.state.max_steps}, saved in "
-              f"{saved}: --resume_from_checkpoint true continues the run", file=sys.stderr)  # fmt: skip
+              f"{stop.checkpoint(training_args.output_dir)}: --resume_from_checkpoint true continues the run",
+              file=sys.stderr)  # fmt: skip
         leave_process_group(trainer.accelerator.state)
         sys.exit(128 + stop.signal)
     trainer.log_metrics("train", result.metrics)
