@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import secrets
@@ -32,6 +33,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 import datasets
@@ -526,15 +528,45 @@ class StopOnSignal(TrainerCallback):
             control.should_save = control.should_evaluate = False
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def leave_stop_signals_to_the_main_process(worker_init_fn, worker_id):
     """A data loader worker's start (`--dataloader_num_workers`): it ignores SIGTERM and SIGINT. A batch system
     signals every process of a job, run_all.sh its run's process group and Ctrl-C the terminal's foreground group, and
     torch fails the main process at once when a worker dies, before StopOnSignal's checkpoint. The main process ends
     its workers itself, and a worker whose main process is gone ends too (torch's watchdog)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)  # which also drops one that came while they were blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # start_workers_with_stop_signals_blocked's block
     if worker_init_fn is not None:
         worker_init_fn(worker_id)
+
+
+def start_workers_with_stop_signals_blocked(loader):
+    """Make a data loader start its workers (in `_get_iterator`) with SIGTERM and SIGINT blocked in this thread.
+
+    A spawned worker (the start method on macOS; `forkserver`, Python 3.14's default on Linux, starts them alike)
+    imports torch for seconds before leave_stop_signals_to_the_main_process runs: a TERM to the whole group in that
+    time killed it, and the main process hung writing to the dead worker (spawn) or failed (forkserver), without the
+    stop's checkpoint. A blocked signal stays blocked across fork and exec. The main process loses nothing: another of
+    its threads takes the signal, or this one once it unblocks.
+    """
+    get_iterator = loader._get_iterator
+    start_method = (loader.multiprocessing_context or multiprocessing).get_start_method()
+
+    def started_with_stop_signals_blocked():
+        if start_method != "fork":
+            # multiprocessing's resource tracker, which the first such worker starts, unblocks both signals after
+            # its own start (CPython's fix of bpo-33613): started first, it leaves the workers' mask alone
+            resource_tracker.ensure_running()
+        blocked_before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked_before)
+
+    loader._get_iterator = started_with_stop_signals_blocked
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
@@ -618,7 +650,9 @@ class RerankerTrainer(Trainer):
     def _get_dataloader(self, *args, **kwargs):
         dataloader = super()._get_dataloader(*args, **kwargs)
         loader = getattr(dataloader, "base_dataloader", dataloader)  # the one that accelerate's wrapper iterates
-        loader.worker_init_fn = functools.partial(leave_stop_signals_to_the_main_process, loader.worker_init_fn)
+        if loader.num_workers > 0 and hasattr(signal, "pthread_sigmask"):  # not on Windows
+            loader.worker_init_fn = functools.partial(leave_stop_signals_to_the_main_process, loader.worker_init_fn)
+            start_workers_with_stop_signals_blocked(loader)
         return dataloader
 
     def _get_eval_sampler(self, eval_dataset):

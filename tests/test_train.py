@@ -325,6 +325,54 @@ def test_sigterm_to_the_whole_process_group_stops_a_run_with_data_loader_workers
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a data loader worker outlived its run"
 
 
+def live_processes_in_group(group):
+    """The pids of the processes, zombies left out, whose process group is `group`."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(process_group) == group and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.parametrize("start_method, processes", [("spawn", 3), ("forkserver", 4)])
+def test_sigterm_to_the_whole_process_group_while_spawned_workers_start_still_stops_after_a_checkpoint(
+    minilm, tmp_path, start_method, processes
+):
+    """A spawned worker (macOS's start method; forkserver is Python 3.14's default on Linux) imports torch for
+    seconds before its worker_init_fn can ignore TERM. Killed by a TERM in that time, it hung the main process
+    (spawn: writing to the dead worker) or failed it (forkserver: BrokenPipeError), without a checkpoint. The TERM
+    is sent as soon as the worker exists: beside the main process, the resource tracker, (the fork server) and it."""
+    out = tmp_path / "out"
+    extra = ["--dataloader_num_workers", "1", "--dataloader_multiprocessing_context", start_method]
+    command = [sys.executable, *stoppable_run(minilm, out, *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(tmp_path / "stderr", "w") as file:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=file, env=env,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.time() + 120
+            while len(live_processes_in_group(process.pid)) < processes and process.poll() is None:
+                assert time.time() < deadline
+                time.sleep(0.01)
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
+            time.sleep(1)
+            outlived = live_processes_in_group(process.pid)
+        finally:
+            for pid in live_processes_in_group(process.pid):
+                os.kill(pid, signal.SIGKILL)
+    stderr = (tmp_path / "stderr").read_text()
+    assert process.returncode == 143, stderr[-3000:]
+    [step] = re.findall(STOPPED_AT, stderr)
+    assert step == "1"  # the first step, whose batch the starting worker was to make
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
+    assert not outlived, "a worker, the resource tracker or the fork server outlived the run"
+
+
 @pytest.mark.parametrize("stop_after, for_resuming_only", [(2, True), (4, False)])
 def test_a_stop_inside_an_epoch_saves_a_checkpoint_removed_when_the_run_finishes_and_one_at_its_end_is_kept(
     minilm, tmp_path, stop_after, for_resuming_only
