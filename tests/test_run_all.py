@@ -275,9 +275,9 @@ def test_by_default_every_gpu_torch_sees_trains_in_bf16_and_a_gpu_it_does_not_se
 STOPPING_PYTHON = """#!/usr/bin/env bash
 case "${1:-}" in
   train.py) run=$(basename "$(echo "$*" | sed 's/.*--output_dir \\([^ ]*\\).*/\\1/')")
-            echo "start $run" >> "$LAUNCHES"
             sleep 60 > /dev/null 2>&1 3>&- &
             trap 'kill $!; sleep 1; echo "saved $run" >> "$LAUNCHES"; exit 143' TERM
+            echo "start $run" >> "$LAUNCHES"  # once the trap is set: the test signals when it reads this
             wait ;;
   *.py) echo "$1" >> "$LAUNCHES" ;;
   *) exec "$REAL_PYTHON" "$@" ;;
