@@ -531,26 +531,18 @@ class StopOnSignal(TrainerCallback):
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def leave_stop_signals_to_the_main_process(worker_init_fn, worker_id):
-    """A data loader worker's start (`--dataloader_num_workers`): it ignores SIGTERM and SIGINT. A batch system
-    signals every process of a job, run_all.sh its run's process group and Ctrl-C the terminal's foreground group, and
-    torch fails the main process at once when a worker dies, before StopOnSignal's checkpoint. The main process ends
-    its workers itself, and a worker whose main process is gone ends too (torch's watchdog)."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)  # which also drops one that came while they were blocked
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # start_workers_with_stop_signals_blocked's block
-    if worker_init_fn is not None:
-        worker_init_fn(worker_id)
+def leave_stop_signals_to_the_main_process(loader):
+    """Make a data loader's workers (`--dataloader_num_workers`) ignore SIGTERM and SIGINT. A batch system signals
+    every process of a job, run_all.sh its run's process group and Ctrl-C the terminal's foreground group, and torch
+    fails the main process at once when a worker dies, before StopOnSignal's checkpoint. The main process ends its
+    workers itself, and a worker whose main process is gone ends too (torch's watchdog).
 
-
-def start_workers_with_stop_signals_blocked(loader):
-    """Make a data loader start its workers (in `_get_iterator`) with SIGTERM and SIGINT blocked in this thread.
-
-    A spawned worker (the start method on macOS; `forkserver`, Python 3.14's default on Linux, starts them alike)
-    imports torch for seconds before leave_stop_signals_to_the_main_process runs: a TERM to the whole group in that
-    time killed it, and the main process hung writing to the dead worker (spawn) or failed (forkserver), without the
-    stop's checkpoint. A blocked signal stays blocked across fork and exec. The main process loses nothing: another of
-    its threads takes the signal, or this one once it unblocks.
+    The workers start (in `_get_iterator`) with both signals blocked in this thread, and ignore them from their
+    worker_init_fn on: a spawned worker (the start method on macOS; `forkserver`, Python 3.14's default on Linux,
+    starts them alike) imports torch for seconds first, and a TERM to the whole group in that time killed it; the main
+    process then hung writing to the dead worker (spawn) or failed (forkserver). A blocked signal stays blocked across
+    fork and exec. The main process loses nothing: another of its threads takes the signal, or this one once it
+    unblocks.
     """
     get_iterator = loader._get_iterator
     start_method = (loader.multiprocessing_context or multiprocessing).get_start_method()
@@ -567,6 +559,16 @@ def start_workers_with_stop_signals_blocked(loader):
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked_before)
 
     loader._get_iterator = started_with_stop_signals_blocked
+    loader.worker_init_fn = functools.partial(ignore_stop_signals, loader.worker_init_fn)  # picklable, for spawn
+
+
+def ignore_stop_signals(worker_init_fn, worker_id):
+    """A worker's start under leave_stop_signals_to_the_main_process, then the loader's own worker_init_fn."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)  # which also drops one that came while they were blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
@@ -651,8 +653,7 @@ class RerankerTrainer(Trainer):
         dataloader = super()._get_dataloader(*args, **kwargs)
         loader = getattr(dataloader, "base_dataloader", dataloader)  # the one that accelerate's wrapper iterates
         if loader.num_workers > 0 and hasattr(signal, "pthread_sigmask"):  # not on Windows
-            loader.worker_init_fn = functools.partial(leave_stop_signals_to_the_main_process, loader.worker_init_fn)
-            start_workers_with_stop_signals_blocked(loader)
+            leave_stop_signals_to_the_main_process(loader)
         return dataloader
 
     def _get_eval_sampler(self, eval_dataset):
