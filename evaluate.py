@@ -142,10 +142,12 @@ class EvaluationArguments:
     def __post_init__(self):
         if (self.models and self.run) or not (self.models or self.run or self.download_only):
             raise InputError("give either --models or --run")
+        self.candidates_of = {}  # SPEC -> RUN_FILE
         for pair in self.candidates:
             spec, _, path = pair.partition("=")
-            if spec not in self.data or not path:
-                raise InputError(f"--candidates {pair}: expected SPEC=RUN_FILE with SPEC one of --data")
+            if spec not in self.data or not path or spec in self.candidates_of:
+                raise InputError(f"--candidates {pair}: expected SPEC=RUN_FILE, one per SPEC of --data")
+            self.candidates_of[spec] = path
         if self.run and len(self.data) != 1:
             raise InputError("--run scores run files against exactly one --data")
         if self.top_k < 1 or (self.batch_tokens or 1) < 1 or self.max_length < 1:
@@ -475,8 +477,7 @@ def main():
     # 2. Data, all of it read and checked before anything is scored or written (downloaded and cached by the main
     #    process before the others read it: ir_datasets' downloads are not safe for several processes at once)
     with state.main_process_first():
-        candidates = dict(pair.partition("=")[::2] for pair in args.candidates)
-        splits = {spec: load_data(spec, args.top_k, not args.run, candidates.get(spec)) for spec in args.data}
+        splits = {spec: load_data(spec, args.top_k, not args.run, args.candidates_of.get(spec)) for spec in args.data}
     if args.download_only:  # and the models, through the calls of 3 and 4, so a later offline run finds them
         for model in args.models:
             check_cross_encoder(model)

@@ -450,6 +450,9 @@ def test_candidates_from_a_ranked_run_file_replace_the_official_ones(minilm_fold
     with pytest.raises(SystemExit):
         run_main(monkeypatch, capsys, *argv, "--candidates", f"dl20={bm25}", "--output_dir", tmp_path / "bad")
     assert "--candidates dl20=" in capsys.readouterr().err  # not one of --data
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, capsys, *argv, "--candidates", f"dl19={bm25}", f"dl19={tmp_path}/other.trec")
+    assert f"--candidates dl19={tmp_path}/other.trec: expected SPEC=RUN_FILE, one per SPEC" in capsys.readouterr().err
 
 
 def test_bm25_scores_are_lucene_bm25_with_anserini_k1_and_b():
