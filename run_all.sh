@@ -110,9 +110,11 @@ if [ "$DEMO" = 1 ]; then
 fi
 
 # evaluate.py's candidate files, checked now rather than after days of training
+given_specs=" "
 for pair in $CANDIDATES; do
-  [[ "$pair" == *=* && " $EVAL_DATA " == *" ${pair%%=*} "* ]] ||
-    bad_option "--candidates: $pair is not SPEC=RUN_FILE with SPEC one of $EVAL_DATA"
+  [[ "$pair" == *=* && " $EVAL_DATA " == *" ${pair%%=*} "* && "$given_specs" != *" ${pair%%=*} "* ]] ||
+    bad_option "--candidates: $pair is not SPEC=RUN_FILE, one per SPEC of $EVAL_DATA"
+  given_specs+="${pair%%=*} "
   [ -f "${pair#*=}" ] && [ -r "${pair#*=}" ] || bad_option "--candidates: ${pair#*=}: no such file"
 done
 

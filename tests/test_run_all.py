@@ -333,10 +333,12 @@ def test_a_python_without_torch_is_one_line_and_exit_2(tmp_path):
      (["--optims", "adamw sgd"], "--optims: sgd is not adamw or lion"),
      (["--models", " "], "--models, --optims and --seeds: at least one each"),
      (["--gpu", "0"], "unknown option --gpu"),
-     (["--candidates", "dl20=run.txt"], "--candidates: dl20=run.txt is not SPEC=RUN_FILE with SPEC one of dl19 "
+     (["--candidates", "dl20=run.txt"], "--candidates: dl20=run.txt is not SPEC=RUN_FILE, one per SPEC of dl19 "
                                         "dev-small msmarco-v1.1-val"),
-     (["--candidates", "dl19"], "--candidates: dl19 is not SPEC=RUN_FILE with SPEC one of dl19 dev-small "
+     (["--candidates", "dl19"], "--candidates: dl19 is not SPEC=RUN_FILE, one per SPEC of dl19 dev-small "
                                 "msmarco-v1.1-val"),
+     (["--candidates", "dl19=README.md dl19=run_all.sh"], "--candidates: dl19=run_all.sh is not SPEC=RUN_FILE, one "
+                                                           "per SPEC of dl19 dev-small msmarco-v1.1-val"),
      (["--candidates", "dl19=README.md dev-small=no-such-run.txt"], "--candidates: no-such-run.txt: no such file")],
 )  # fmt: skip
 def test_bad_options_are_one_line_and_exit_2_before_anything_runs(tmp_path, flags, message):
