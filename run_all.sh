@@ -10,7 +10,7 @@
 #   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 bash run_all.sh   # on GPU nodes without it
 #
 # Options: --models "..." --optims "..." --seeds "..." --gpus "0 1 ..." --output DIR --candidates "SPEC=RUN_FILE ..."
-# --demo --download; everything after `--` goes to train.py.
+# --demo --download --help; everything after `--` goes to train.py.
 # Each run trains on one GPU with the thesis's batch of 16, and several GPUs train several runs at once (DDP over N
 # GPUs would make the batch 16 N, another experiment). Re-running skips what is finished (a run with its final
 # model, an evaluation newer than every model) and resumes an interrupted training run from its last checkpoint.
@@ -45,6 +45,7 @@ while [ $# -gt 0 ]; do
     --gpus) GPUS="$2"; shift 2 ;;
     --demo) DEMO=1; shift ;;
     --download) DOWNLOAD=1; shift ;;
+    -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$(basename "$0")"; exit 0 ;;  # this header
     --) shift; TRAIN_FLAGS=("$@"); break ;;
     *) bad_option "unknown option $1" ;;
   esac

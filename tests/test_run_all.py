@@ -345,3 +345,11 @@ def test_bad_options_are_one_line_and_exit_2_before_anything_runs(tmp_path, flag
     done = bash_run_all("--output", str(tmp_path / "out"), *flags)
     assert (done.returncode, done.stderr) == (2, f"error: {message} (see the top of run_all.sh)\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_help_prints_the_header_and_runs_nothing(tmp_path):
+    done = bash_run_all("--output", str(tmp_path / "out"), "--help")
+    header = [line.removeprefix("#").removeprefix(" ") for line in (REPO / "run_all.sh").read_text().splitlines()[1:16]]
+    assert (done.returncode, done.stderr, done.stdout.splitlines()) == (0, "", header)
+    assert header[0].startswith("The thesis's study in one command") and header[-1].startswith("model, an evaluation")
+    assert not (tmp_path / "out").exists()
