@@ -113,10 +113,11 @@ fi
 # evaluate.py's candidate files, checked now rather than after days of training
 given_specs=" "
 for pair in $CANDIDATES; do
-  [[ "$pair" == *=* && " $EVAL_DATA " == *" ${pair%%=*} "* && "$given_specs" != *" ${pair%%=*} "* ]] ||
+  spec="${pair%%=*}" run_file="${pair#*=}"
+  [[ "$pair" == *=* && " $EVAL_DATA " == *" $spec "* && "$given_specs" != *" $spec "* ]] ||
     bad_option "--candidates: $pair is not SPEC=RUN_FILE, one per SPEC of $EVAL_DATA"
-  given_specs+="${pair%%=*} "
-  [ -f "${pair#*=}" ] && [ -r "${pair#*=}" ] || bad_option "--candidates: ${pair#*=}: no such file"
+  given_specs+="$spec "
+  [ -f "$run_file" ] && [ -r "$run_file" ] || bad_option "--candidates: $run_file: no such file"
 done
 
 # --download: the models and data of the grid into the local caches (hub, datasets, ir_datasets), through the calls
