@@ -64,9 +64,9 @@ def rerank_like_evaluate(model, tokenizer, split, batch_tokens=None):
     return list(reranks(model, tokenizer, [replace(split, run=run) for run in chunks], batch_tokens))
 
 
-def pinned(pad_batch):
+def pinned(pad):
     """pad_batch with its tensors in page-locked memory: a copy from pageable memory waits for the GPU's queue."""
-    return lambda *args: {key: tensor.pin_memory() for key, tensor in pad_batch(*args).items()}
+    return lambda *args: {key: tensor.pin_memory() for key, tensor in pad(*args).items()}
 
 
 def timed(work, *args):
