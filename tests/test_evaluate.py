@@ -313,6 +313,46 @@ def test_run_mode_matches_trec_eval_with_relevance_level_2_on_trec_dl(split, tmp
         assert metrics[ours] == pytest.approx(sum(expected_per_query.values()) / len(expected))
 
 
+def test_run_mode_averages_over_every_judged_query_with_the_ones_the_run_leaves_unanswered_at_zero(
+    tmp_path, monkeypatch, capsys
+):
+    """trec_eval -c: a run cannot gain by leaving out hard queries. pytrec_eval has no -c, so the means are by hand."""
+    (tmp_path / "queries.x.tsv").write_text("".join(f"q{i}\tquestion {i}\n" for i in range(1, 6)))
+    # graded 0-3 as in TREC DL: relevant = grade >= 2; q1 and q2 answered, q3 and q4 judged but unanswered, q5 unjudged
+    qrels = {"q1": {"a": 3, "b": 1, "c": 2, "d": 0}, "q2": {"e": 2, "f": 0}, "q3": {"g": 3}, "q4": {"h": 1, "i": 2}}
+    (tmp_path / "qrels.x.txt").write_text("".join(f"{q} 0 {d} {r}\n" for q, ds in qrels.items() for d, r in ds.items()))
+    ranked = {"q1": ["x", "a", "c", "b"], "q2": ["f", "e"], "q5": ["a"]}  # x unjudged
+    (tmp_path / "partial.trec").write_text(
+        "".join(f"{q} Q0 {d} {k} {10 - k} x\n" for q, ds in ranked.items() for k, d in enumerate(ds, 1))
+    )
+
+    run_main(monkeypatch, capsys, "--run", tmp_path / "partial.trec", "--data", f"{tmp_path}:x", "--output_dir",
+             tmp_path / "out")  # fmt: skip
+
+    q1 = {  # ranking x a c b: relevant a at 2 and c at 3 of R = 2; gains 3, 2, 1 at ranks 2, 3, 4
+        "nDCG@10": (3 / math.log2(3) + 2 / math.log2(4) + 1 / math.log2(5)) / (3 + 2 / math.log2(3) + 1 / math.log2(4)),
+        "AP(rel=2)": (1 / 2 + 2 / 3) / 2,
+        "RR(rel=2)@10": 1 / 2,
+        "Rprec(rel=2)": 1 / 2,  # one of the top R = 2 (x, a)
+        "P(rel=2)@10": 2 / 10,
+    }
+    q2 = {  # ranking f e: the one relevant document, e (grade 2), at rank 2
+        "nDCG@10": (2 / math.log2(3)) / 2,
+        "AP(rel=2)": 1 / 2,
+        "RR(rel=2)@10": 1 / 2,
+        "Rprec(rel=2)": 0.0,  # the top R = 1 is f
+        "P(rel=2)@10": 1 / 10,
+    }
+    zero = dict.fromkeys(q1, 0.0)
+    per_query = json.loads((tmp_path / "out" / f"{tmp_path.name}-x" / "partial.per_query.json").read_text())
+    assert list(per_query) == ["q1", "q2", "q3", "q4"]  # q5 is judged nowhere: left out
+    assert per_query["q1"] == pytest.approx(q1) and per_query["q2"] == pytest.approx(q2)
+    assert per_query["q3"] == per_query["q4"] == zero  # every measure 0.0, none missing
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())[f"{tmp_path}:x"]["partial"]
+    assert metrics == pytest.approx({measure: (q1[measure] + q2[measure]) / 4 for measure in q1})  # not / 2
+    assert metrics["AP(rel=2)"] == pytest.approx(13 / 48) and metrics["P(rel=2)@10"] == pytest.approx(0.075)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # BM25 first stage.
 
@@ -643,6 +683,57 @@ def test_a_rerank_killed_before_its_model_was_retrained_scores_everything_anew(
     assert (tmp_path / "out" / run_file).read_bytes() == (tmp_path / "whole" / run_file).read_bytes()
 
 
+def test_a_rerank_resumed_with_another_max_length_scores_everything_anew(minilm_folders, tmp_path, monkeypatch, capsys):
+    """Chunks scored at 32 tokens are not the scores at 64: a resume at 64 must equal an unbroken run at 64."""
+    needs_data("msmarco-sample")
+    monkeypatch.setattr(reranker, "CHUNK_PAIRS", 6)  # 7 chunks of up to 3 queries, as above
+    args = ["--models", minilm_folders[0], "--data", f"{DATA}/msmarco-sample:test-graded", "--top_k", "2"]
+    run_file = Path("msmarco-sample-test-graded") / "minilm-seed0.trec"
+    for length in ("32", "64"):
+        run_main(monkeypatch, capsys, *args, "--max_length", length, "--output_dir", tmp_path / f"whole-{length}")
+    at_32, at_64 = [(tmp_path / f"whole-{n}" / run_file).read_text().splitlines() for n in (32, 64)]
+    first_queries = sorted({line.split()[0] for line in at_64})[:6]  # those of the 2 chunks saved before the kill
+    for query_id in first_queries:  # their 12 pairs are 45-167 tokens long: at 32 and at 64 every score differs
+        assert {line for line in at_32 if line.startswith(f"{query_id} ")}.isdisjoint(at_64)
+
+    at_32_killed = [*args, "--max_length", "32", "--output_dir", tmp_path / "out"]
+    calls = killed_at_the_third_chunk(monkeypatch, capsys, *at_32_killed)  # 2 chunks saved at 32 tokens
+    run_main(monkeypatch, capsys, *args, "--max_length", "64", "--output_dir", tmp_path / "out")
+
+    assert (tmp_path / "out" / run_file).read_bytes() == (tmp_path / "whole-64" / run_file).read_bytes()
+    assert len(calls) == 7  # the 2 chunks saved at 32 tokens are scored again
+
+
+def test_a_rerank_resumed_after_its_run_file_was_edited_equals_a_fresh_rerank_of_the_edited_file(
+    minilm_folders, tmp_path, monkeypatch, capsys
+):
+    """A saved chunk whose queries now have other candidates is stale: the edited candidates must be scored."""
+    needs_data("msmarco-sample")
+    monkeypatch.setattr(reranker, "CHUNK_PAIRS", 6)  # 7 chunks of up to 3 queries, as above
+    data = tmp_path / "msmarco-sample"  # a copy of the split whose run file can be edited
+    data.mkdir()
+    (data / "corpus.tsv").symlink_to(DATA / "msmarco-sample" / "corpus.tsv")
+    for name in ("queries.test-graded.tsv", "qrels.test-graded.txt", "run.test-graded.trec"):
+        shutil.copy(DATA / "msmarco-sample" / name, data / name)
+    args = ["--models", minilm_folders[0], "--data", f"{data}:test-graded", "--top_k", "2", "--max_length", "48"]
+    calls = killed_at_the_third_chunk(monkeypatch, capsys, *args, "--output_dir", tmp_path / "out")  # 2 chunks saved
+
+    lines = (data / "run.test-graded.trec").read_text().splitlines(keepends=True)
+    first_query = min(line.split()[0] for line in lines)  # in the first chunk, saved before the kill
+    best = max((line for line in lines if line.split()[0] == first_query), key=lambda line: float(line.split()[4]))
+    lines.remove(best)  # its top 2 candidates are now its second and third: one old, one new
+    (data / "run.test-graded.trec").write_text("".join(lines))
+    run_main(monkeypatch, capsys, *args, "--output_dir", tmp_path / "out")
+    resumed_chunks = len(calls)
+    run_main(monkeypatch, capsys, *args, "--output_dir", tmp_path / "fresh")
+
+    run_file = Path("msmarco-sample-test-graded") / "minilm-seed0.trec"
+    resumed = (tmp_path / "out" / run_file).read_text()
+    assert resumed == (tmp_path / "fresh" / run_file).read_text()
+    assert f"{first_query} Q0 {best.split()[2]} " not in resumed  # the removed candidate is gone
+    assert resumed_chunks == 6  # the edited first chunk again and the 5 never saved; the second chunk is kept
+
+
 def test_two_processes_share_out_the_chunks_a_killed_rerank_left_and_write_the_same_files(
     minilm_folders, tmp_path, monkeypatch, capsys
 ):
@@ -797,3 +888,21 @@ def test_bad_input_prints_one_line_exits_2_and_overwrites_nothing(case, bad_inpu
     assert stdout == ""
     assert (output_dir / "metrics.json").read_text() == "finished\n"
     assert sorted(p.name for p in output_dir.iterdir()) == ["metrics.json"]
+
+
+def test_a_relevance_that_is_not_an_integer_is_a_one_line_error_naming_the_qrels_file_and_line(
+    tmp_path, monkeypatch, capsys
+):
+    """A qrels grade of 1.5 is a broken file, not a grade 1: truncating it would change every metric without a word."""
+    (tmp_path / "queries.x.tsv").write_text("q1\ta query\n")
+    (tmp_path / "qrels.x.txt").write_text("q1 0 d1 2\nq1 0 d2 1.5\n")
+    (tmp_path / "run.trec").write_text("q1 Q0 d2 1 2 x\nq1 Q0 d1 2 1 x\n")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, capsys, "--run", tmp_path / "run.trec", "--data", f"{tmp_path}:x", "--output_dir",
+                 tmp_path / "out")  # fmt: skip
+
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1, error
+    assert error.startswith(f"error: {tmp_path / 'qrels.x.txt'}:2: ") and "1.5" in error
+    assert not (tmp_path / "out" / "metrics.json").exists()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import datasets
+import ir_measures
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -404,6 +405,16 @@ def test_a_nan_loss_stops_training_with_a_clear_error(minilm, tmp_path):
     trainer = make_trainer(minilm, tmp_path, ["--max_steps", "2", "--save_strategy", "no"], labels=[float("nan")] * 4)
     with pytest.raises(train.NonFiniteLossError, match="loss became nan at step 1"):
         trainer.train()
+
+
+def test_an_infinite_loss_stops_training_like_a_nan_one_with_its_value_in_the_message(minilm, tmp_path, monkeypatch):
+    """An inf loss has inf gradients that would step the weights to nan: it stops the run at once, as nan does."""
+    real_loss = train.bce_loss
+    monkeypatch.setattr(train, "bce_loss", lambda *args, **kwargs: real_loss(*args, **kwargs) * float("inf"))  # BCE > 0
+    trainer = make_trainer(minilm, tmp_path, ["--max_steps", "2", "--save_strategy", "no"])
+    with pytest.raises(train.NonFiniteLossError, match="loss became inf at step 1"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_a_nan_loss_exits_1_with_one_error_line_and_keeps_earlier_checkpoints(minilm, tmp_path, monkeypatch, capsys):
@@ -923,12 +934,12 @@ def test_report_to_wandb_without_an_account_logs_offline_and_a_resume_continues_
     assert [run.name.rsplit("-", 1)[1] for run in runs] == [run_id, run_id]
 
 
-def validated_training(minilm, out, *extra):
-    """train.main on msmarco-sample:train, validated on the top 4 candidates of msmarco-sample:test."""
+def validated_training(minilm, out, *extra, eval_split="test"):
+    """train.main on msmarco-sample:train, validated on the top 4 candidates of msmarco-sample:EVAL_SPLIT."""
     train.main(
         ["--model", minilm, "--train_data", f"{DATA}/msmarco-sample:train", "--eval_data",
-         f"{DATA}/msmarco-sample:test", "--eval_top_k", "4", "--negatives_per_query", "1", "--warmup_steps", "1",
-         "--max_length", "96", "--output_dir", str(out), "--report_to", "none", *extra]
+         f"{DATA}/msmarco-sample:{eval_split}", "--eval_top_k", "4", "--negatives_per_query", "1", "--warmup_steps",
+         "1", "--max_length", "96", "--output_dir", str(out), "--report_to", "none", *extra]
     )  # fmt: skip
 
 
@@ -943,6 +954,20 @@ def test_validation_metrics_equal_a_rerank_of_the_same_candidates(minilm, tmp_pa
     aggregate, _ = evaluate_run(split.qrels, rerank(model, AutoTokenizer.from_pretrained(out), split, max_length=96))
     assert logged["eval_mrr@10"] == pytest.approx(aggregate["RR@10"], abs=1e-6)
     assert logged["eval_ndcg@10"] == pytest.approx(aggregate["nDCG@10"], abs=1e-6)
+
+
+@needs_data
+def test_validation_mrr_on_graded_qrels_counts_grade_2_and_up_as_relevant_as_evaluate_py_does(minilm, tmp_path):
+    """On graded qrels (TREC DL, the demo's data/demo:test) eval_mrr@10 is RR(rel=2)@10, the table's MRR@10."""
+    out = tmp_path / "out"
+    validated_training(minilm, out, "--max_steps", "1", eval_split="test-graded")
+    logged = json.loads((out / "eval_results.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    split = load_split(f"{DATA}/msmarco-sample:test-graded", top_k=4)
+    run = rerank(model, AutoTokenizer.from_pretrained(out), split, max_length=96)
+    aggregate, _ = evaluate_run(split.qrels, run, [ir_measures.RR(rel=2) @ 10, ir_measures.RR @ 10])
+    assert aggregate["RR@10"] - aggregate["RR(rel=2)@10"] > 0.01  # grade 1 ranks above grade 2 somewhere: they differ
+    assert logged["eval_mrr@10"] == pytest.approx(aggregate["RR(rel=2)@10"], abs=1e-6)
 
 
 @needs_data
