@@ -34,56 +34,23 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import datasets
-import ir_datasets
 import ir_measures
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from scipy import stats
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 from transformers.utils.hub import cached_file
 
-from reranker import (
-    InputError,
-    Split,
-    cpu_only,
-    default_measures,
-    evaluate_run,
-    exit_on_input_error,
-    fast_dtype,
-    first_stage_top,
-    format_run,
-    leave_process_group,
-    load_split,
-    one_line,
-    query_chunks,
-    quiet_downloads,
-    read_fields,
-    read_run,
-    read_topics,
-    relevance_level,
-    reranks,
-    split_paths,
-    to_inference_dtype,
-    top_candidates,
-    write_atomic,
-)
+from data_specs import MSMARCO_V11, data_folder, load_data
+from reranker import (InputError, cpu_only, cross_encoder_parts, default_measures, evaluate_run, exit_on_input_error,
+                      fast_dtype, format_run, leave_process_group, load_cross_encoder, one_line, query_chunks,
+                      read_fields, read_run, relevance_level, reranks, to_inference_dtype, write_atomic)  # fmt: skip
+from tables import (BASELINE_MARK, COLUMNS, DEV_SETS, FIRST_STAGE_MARK, add_significance, data_table, has_thesis_columns,
+                    legend, thesis_table)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-IRDS_NAMES = {
-    "dl19": "msmarco-passage/trec-dl-2019/judged",
-    "dl20": "msmarco-passage/trec-dl-2020/judged",
-    "dev-small": "msmarco-passage/dev/small",
-}
-MSMARCO_V11 = "msmarco-v1.1-val"
-DEV_SETS = ["dev-small", MSMARCO_V11]  # with dl19, these give the thesis's combined table
-COLUMNS = ["NDCG@10", "MAP", "MRR@10", "R-Prec", "P@10"]  # the table's names for reranker.default_measures, in order
-THESIS_DL19_COLUMNS = ["NDCG@10", "MAP", "R-Prec", "P@10"]  # and MRR@10 from the dev set
-ALPHA = 0.05  # significance level of the table's markers
-BASELINE_MARK, FIRST_STAGE_MARK = "*", "†"
 
 
 @dataclass
@@ -158,84 +125,6 @@ class EvaluationArguments:
 # Data: every SPEC becomes a reranker.Split (queries, qrels, first-stage run, corpus).
 
 
-def load_data(spec, top_k, with_candidates=True, candidates=None):
-    """A SPEC's queries and qrels, and with_candidates its first-stage top_k (from the `candidates` run file where
-    given) and their text."""
-    if spec in IRDS_NAMES or spec.startswith("irds:"):
-        with quiet_downloads(all_warnings=True):
-            dataset_id = IRDS_NAMES.get(spec, spec.removeprefix("irds:"))
-            return load_irds(spec, dataset_id, top_k, with_candidates, candidates)
-    if candidates:
-        raise InputError(f"--candidates {spec}=...: only for ir_datasets data (a DIR:SPLIT has DIR/run.SPLIT.trec)")
-    if spec == MSMARCO_V11:
-        with quiet_downloads():
-            return load_msmarco_v11(top_k)
-    if ":" not in spec:
-        raise InputError(f"{spec}: unknown data, expected DIR:SPLIT, dl19, dl20, dev-small, irds:<id> or {MSMARCO_V11}")
-    if with_candidates:
-        return load_split(spec, top_k)
-    queries, qrels = read_topics(split_paths(spec))  # run files need no corpus (../shared/data/trec-dl has none)
-    return Split(queries, qrels, {}, {}, spec)
-
-
-def load_irds(spec, dataset_id, top_k, with_candidates, candidates=None):
-    try:
-        dataset = ir_datasets.load(dataset_id)
-    except KeyError:
-        raise InputError(f"{spec}: {dataset_id} is not an ir_datasets id") from None
-    if with_candidates and not candidates and not dataset.has_scoreddocs():
-        raise InputError(f"{spec}: {dataset_id} has no first-stage run (scoreddocs) to rerank; give --candidates")
-    try:  # downloads on first use
-        queries = {query.query_id: query.default_text() for query in dataset.queries_iter()}
-        qrels = {}
-        for qrel in dataset.qrels_iter():
-            qrels.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
-        run, corpus, ranked = {}, {}, True
-        if with_candidates and candidates:  # e.g. Pyserini's run for all 200 DL19 topics: dl19's 43 judged are kept
-            run = {query_id: scores for query_id, scores in read_run(candidates).items() if query_id in queries}
-            if not run:
-                raise InputError(f"{candidates}: no query of {dataset_id} in it")
-        elif with_candidates:
-            for scored in dataset.scoreddocs_iter():
-                run.setdefault(scored.query_id, {})[scored.doc_id] = scored.score
-        if with_candidates:
-            # the official top-1000 of MS MARCO and TREC DL ranks nothing (all scores 0)
-            instead = "give ranked ones (--candidates SPEC=RUN_FILE)"
-            run, ranked = first_stage_top(run, top_k, candidates or spec, instead)
-            needed = {doc_id for scores in run.values() for doc_id in scores}
-            corpus = {doc.doc_id: doc.default_text() for doc in dataset.docs_store().get_many_iter(needed)}
-            if candidates and needed - corpus.keys():
-                for line_number, (_, _, doc_id, *_) in read_fields(candidates, 6, sep=None):
-                    if doc_id in needed and doc_id not in corpus:
-                        raise InputError(f"{candidates}:{line_number}: document {doc_id} is not in {dataset_id}")
-    except (OSError, RuntimeError) as error:  # ir_datasets raises RuntimeError when every download source fails
-        raise InputError(f"{spec}: cannot load {dataset_id} with ir_datasets: {one_line(error)}") from None
-    return Split(queries, qrels, run, corpus, spec, ranked)
-
-
-def load_msmarco_v11(top_k):
-    """MS MARCO v1.1 validation: each query's given passages (in the given order) with `is_selected` as the label.
-
-    Every query counts, those without a selected passage as 0, as the thesis's script (ms_marco_val_mrr.py) averaged
-    its MRR@10 over all 10,047 (MS MARCO's official evaluation would leave those queries out).
-    """
-    try:
-        rows = datasets.load_dataset("microsoft/ms_marco", "v1.1", split="validation")
-    except OSError as error:  # offline: ConnectionError; unknown name: DatasetNotFoundError
-        raise InputError(f"{MSMARCO_V11}: cannot load microsoft/ms_marco v1.1: {one_line(error)}") from None
-    queries, qrels, run, corpus = {}, {}, {}, {}
-    for row in rows:
-        passages = row["passages"]
-        query_id = str(row["query_id"])
-        queries[query_id] = row["query"]
-        for i, (text, selected) in enumerate(zip(passages["passage_text"], passages["is_selected"])):
-            doc_id = f"{query_id}-{i}"
-            corpus[doc_id] = text
-            qrels.setdefault(query_id, {})[doc_id] = int(selected)
-            run.setdefault(query_id, {})[doc_id] = float(len(passages["passage_text"]) - i)  # the given order
-    return Split(queries, qrels, top_candidates(run, top_k), corpus, MSMARCO_V11)
-
-
 def system_name(model):
     """A model's name in the tables and file names: its folder's, and its run's too for a checkpoint, so that the
     checkpoints of several runs (the thesis reported each run's best epoch) can be evaluated together."""
@@ -245,14 +134,6 @@ def system_name(model):
 
 def first_stage_name(spec):
     return "given-order" if spec == MSMARCO_V11 else "BM25"
-
-
-def data_folder(spec):
-    """A folder name for a SPEC: `../shared/data/msmarco-sample:test` -> `msmarco-sample-test`."""
-    directory, _, split = spec.rpartition(":")
-    if directory and directory != "irds":
-        return f"{Path(directory).name}-{split}"
-    return re.sub(r"[^\w.-]+", "-", spec)
 
 
 def read_checked_run(path, split):
@@ -269,31 +150,10 @@ def read_checked_run(path, split):
 # Models and the resumable rerank.
 
 
-def check_cross_encoder(model):
-    """Fail before anything is scored on a model that is not a one-logit sequence classifier."""
-    path = Path(model)
-    if not path.exists() and path.parent != Path(".") and path.parent.is_dir():
-        raise InputError(f"{model}: no such folder")  # rather than a hub id: runs/minilm, not org/name
-    try:
-        with quiet_downloads():  # a hub id
-            config = AutoConfig.from_pretrained(model)
-            tokenizer = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{model}: cannot load a model and tokenizer: {one_line(error)}") from None
-    if len(tokenizer) < getattr(config, "vocab_size", 0) / 2:  # transformers 5 makes an empty one where none is saved
-        raise InputError(f"{model}: no tokenizer saved with it ({len(tokenizer)} tokens for {config.vocab_size})")
-    architectures = config.architectures or []
-    if config.num_labels != 1 or not any(name.endswith("ForSequenceClassification") for name in architectures):
-        raise InputError(
-            f"{model}: not a cross-encoder ({', '.join(architectures) or 'no architecture'} with {config.num_labels}"
-            " labels; expected a ...ForSequenceClassification with 1 label, as train.py saves)"
-        )
-
-
 def fingerprint(model):
     """What tells one model's weights from another's at the same path: its files' sizes and modification times."""
     folder = Path(model)
-    if not folder.is_dir():  # a hub id: the snapshot check_cross_encoder cached, a folder named after the revision
+    if not folder.is_dir():  # a hub id: the snapshot cross_encoder_parts cached, a folder named after the revision
         try:
             folder = Path(cached_file(model, "config.json", local_files_only=True)).parent
         except OSError:
@@ -303,11 +163,9 @@ def fingerprint(model):
     return hashlib.sha1(f"{folder.name} {stats}".encode()).hexdigest()[:16]
 
 
-def load_cross_encoder(model, device, dtype=torch.float32):
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    network, loading = AutoModelForSequenceClassification.from_pretrained(model, output_loading_info=True)
-    if loading["missing_keys"]:
-        raise InputError(f"{model}: no trained weights for {', '.join(sorted(loading['missing_keys']))}")
+def load_to_score(model, device, dtype=torch.float32, parts=None):
+    """A cross-encoder on `device`, in `dtype` with an fp32 head, and its tokenizer (`parts`: checked in step 3)."""
+    network, tokenizer = load_cross_encoder(model, parts=parts)
     return to_inference_dtype(network.to(device), dtype), tokenizer
 
 
@@ -368,92 +226,6 @@ def as_written(run):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Significance and tables.
-
-
-def paired_p_value(per_query, other, measure):
-    """Two-sided paired t-test over the queries both systems answered; None with fewer than two queries."""
-    queries = sorted(set(per_query) & set(other))
-    a = [per_query[query_id][measure] for query_id in queries]
-    b = [other[query_id][measure] for query_id in queries]
-    if len(queries) < 2:
-        return None
-    if a == b:
-        return 1.0  # no difference at all (scipy says nan)
-    return float(stats.ttest_rel(a, b).pvalue)
-
-
-def holm(p_values):
-    """Holm-Bonferroni adjusted p-values, in the input order: the i-th smallest times (m - i + 1), kept monotone."""
-    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
-    adjusted, running = [0.0] * len(p_values), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-def add_significance(metrics, per_query, comparisons, measures):
-    """Into `metrics[system]`: `p vs REFERENCE` -> {measure: p} per comparison, and with more than two systems
-    `p (Holm) vs REFERENCE`, corrected over all comparisons of that measure."""
-    for system, reference in comparisons:
-        metrics[system][f"p vs {reference}"] = {
-            str(m): paired_p_value(per_query[system], per_query[reference], str(m)) for m in measures
-        }
-    if len(metrics) <= 2:
-        return
-    for measure in map(str, measures):
-        tested = [(s, r) for s, r in comparisons if metrics[s][f"p vs {r}"][measure] is not None]
-        adjusted = holm([metrics[s][f"p vs {r}"][measure] for s, r in tested])
-        for (system, reference), p in zip(tested, adjusted):
-            metrics[system].setdefault(f"p (Holm) vs {reference}", {})[measure] = p
-
-
-def cell(values, measure, marks):
-    """A table value with the mark of every reference it differs from significantly (Holm-corrected if there)."""
-    out = f"{values[measure]:.4f}"
-    for mark, reference in marks:
-        p = values.get(f"p (Holm) vs {reference}", values.get(f"p vs {reference}", {})).get(measure)
-        if p is not None and p < ALPHA:
-            out += mark
-    return out
-
-
-def markdown_table(header, rows):
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-
-
-def data_table(metrics, columns, marks):
-    rows = [[system] + [cell(values, m, marks) for m in columns.values()] for system, values in metrics.items()]
-    return markdown_table(["System", *columns], rows)
-
-
-def has_thesis_columns(dl19_columns, dev_columns):
-    """Whether the thesis's layout can be shown: DL19's four columns and the dev set's MRR@10 (the default measures)."""
-    return set(THESIS_DL19_COLUMNS) <= set(dl19_columns) and "MRR@10" in dev_columns
-
-
-def thesis_table(metrics, columns, marks, dev):
-    """The thesis's layout: NDCG@10, MAP, R-Prec, P@10 on DL19 and MRR@10 on a dev set, for systems in both."""
-    header = ["System"] + [f"{c} (DL19)" for c in THESIS_DL19_COLUMNS] + [f"MRR@10 ({dev})"]
-    rows = [
-        [system]
-        + [cell(values, columns["dl19"][c], marks["dl19"]) for c in THESIS_DL19_COLUMNS]
-        + [cell(metrics[dev][system], columns[dev]["MRR@10"], marks[dev])]
-        for system, values in metrics["dl19"].items()
-        if system in metrics[dev]
-    ]
-    return markdown_table(header, rows)
-
-
-def legend(marks, n_systems):
-    parts = [f"{mark} p < {ALPHA} against {reference}" for mark, reference in marks]
-    holm_note = ", Holm-corrected" if n_systems > 2 else ""
-    return f"{'; '.join(parts)} (two-sided paired t-test over queries{holm_note})"
-
-
-# --------------------------------------------------------------------------------------------------------------------
 
 
 @exit_on_input_error
@@ -480,8 +252,7 @@ def main():
         splits = {spec: load_data(spec, args.top_k, not args.run, args.candidates_of.get(spec)) for spec in args.data}
     if args.download_only:  # and the models, through the calls of 3 and 4, so a later offline run finds them
         for model in args.models:
-            check_cross_encoder(model)
-            load_cross_encoder(model, "cpu")
+            load_to_score(model, "cpu")
         logger.info("Cached %s", ", ".join(args.data + args.models))
         leave_process_group(state)
         return
@@ -497,8 +268,7 @@ def main():
     baseline = args.baseline or names[0]
     if baseline not in names + sorted(first_stages):
         raise InputError(f"--baseline {baseline}: not one of {', '.join(sorted(first_stages) + names)}")
-    for model in args.models:
-        check_cross_encoder(model)
+    parts = {model: cross_encoder_parts(model) for model in args.models}  # (tokenizer, config), checked
     runs = {spec: {} for spec in splits}  # spec -> system -> run
     for spec, split in splits.items():
         if args.run:
@@ -521,7 +291,7 @@ def main():
     output_dir = Path(args.output_dir)
     for model, name in zip(args.models, names):
         dtype = fast_dtype(state.device) if args.dtype == "auto" else getattr(torch, args.dtype)
-        network, tokenizer = load_cross_encoder(model, state.device, dtype)
+        network, tokenizer = load_to_score(model, state.device, dtype, parts[model])
         weights = fingerprint(model)
         for spec, split in splits.items():
             stem = output_dir / data_folder(spec) / name

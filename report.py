@@ -1,12 +1,14 @@
 """The study's results table and training-dynamics figures, from what run_all.sh left in its output folder.
 
-    python report.py --results results      # reads results/eval/metrics.json and results/runs/*/trainer_state.json
+    python report.py --results results                     # every optimizer tested against AdamW
+    python report.py --results results --reference lion    # ... against Lion
 
-Writes `results/table.md` (per data: one row per system, mean ± standard deviation over seeds when a configuration
-ran with several; Lion tested against AdamW per backbone; the same per checkpoint where run_all.sh evaluated the
-runs' checkpoints into results/eval-checkpoints/) and `results/figures/*.png`: per backbone, Lion and AdamW overlaid
-for training loss, evaluation loss, learning rate and gradient norm (thesis Figures 5.1-5.10), and a bar chart of the
-table's metrics.
+Reads results/eval/metrics.json and each run's run_config.json (what it trained: backbone, optimizer, loss,
+settings; its folder name is only a label) and trainer_state.json. Writes `results/table.md` (per data: a row per
+configuration, mean ± standard deviation over seeds; every optimizer tested against the reference optimizer on the same
+backbone; the same per checkpoint where run_all.sh evaluated them into results/eval-checkpoints/) and
+`results/figures/*.png`: per backbone, the optimizers overlaid for training loss, evaluation loss, learning rate and
+gradient norm (thesis Figures 5.1-5.10), and a bar chart of the table's metrics.
 """
 
 import json
@@ -21,33 +23,43 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
-from evaluate import ALPHA, COLUMNS, DEV_SETS, THESIS_DL19_COLUMNS, data_folder, has_thesis_columns  # noqa: E402
-from evaluate import markdown_table, paired_p_value  # noqa: E402
+from data_specs import data_folder  # noqa: E402
 from reranker import InputError, exit_on_input_error, measures_at, write_atomic  # noqa: E402
+from tables import ALPHA, COLUMNS, DEV_SETS, THESIS_DL19_COLUMNS, has_thesis_columns, markdown_table  # noqa: E402
+from tables import paired_p_value  # noqa: E402
 
-OPTIMIZERS = ("adamw", "lion")
-LION_MARK = "‡"
+REFERENCE_MARK = "‡"
 CURVES = {  # trainer_state.json key -> (figure title, y label)
     "loss": ("Training loss", "BCE loss"),
     "eval_loss": ("Evaluation loss", "BCE loss"),
     "learning_rate": ("Learning rate", "learning rate"),
     "grad_norm": ("Gradient norm (before clipping)", "L2 norm"),
 }
-COLORS = {"adamw": "tab:blue", "lion": "tab:orange"}
+PALETTE = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+# What makes two runs one configuration, seeds apart: run_config.json's settings of the experiment
+SETTINGS = {"training": ["optim", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "warmup_ratio",
+                         "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                         "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon", "lion_bits", "lion_beta1",
+                         "lion_beta2", "optim_args"],
+            "script": ["train_data", "max_train_pairs", "max_length", "negatives_per_query", "group_size"]}  # fmt: skip
+TRAINER_NAMES = {"adamw_torch_fused": "adamw", "lion_8bit": "lion", "lion_32bit": "lion"}  # runs before "optimizer"
 
 
 @dataclass
 class ReportArguments:
     results: str = field(default="results", metadata={"help": "run_all.sh's --output folder."})
+    reference: str = field(default="adamw", metadata={"help": "The optimizer every other one is tested against."})
 
 
 @dataclass
 class Configuration:
-    """One row of the table: a backbone and optimizer, with its runs over seeds (one system each)."""
+    """One row of the table: what its runs trained (None for a first stage or a model without run_config.json), and
+    its runs over seeds (one system each)."""
 
     name: str
-    backbone: str | None
-    optimizer: str | None
+    backbone: str | None = None
+    optimizer: str | None = None
+    loss: str | None = None
     when: str = ""  # for checkpoints: their place in the runs (`epoch 1`, `step 500`)
     systems: list = field(default_factory=list)
 
@@ -56,24 +68,45 @@ def group_name(configuration, when=""):
     return f"{configuration} {when}".rstrip()
 
 
-def configurations(system_names, checkpoints=None):
-    """Group systems named `BACKBONE-OPTIM[-seedN]` over seeds; other names (BM25, untrained) stand alone.
-    `checkpoints` {system: (run, when)} groups checkpoints per configuration and place in the run."""
-    groups = {}
+def run_description(run_dir):
+    """(backbone, optimizer, loss, settings) from a run's run_config.json, or None where it has none."""
+    path = Path(run_dir) / "run_config.json"
+    if not path.is_file():
+        return None
+    config = read_json(path)
+    training, script = config.get("training", {}), config.get("script", {})
+    optimizer = config.get("optimizer") or TRAINER_NAMES.get(training.get("optim"), training.get("optim"))
+    backbone = config.get("backbone") or config.get("preset", {}).get("model_name_or_path")
+    settings = json.dumps({part: {k: config.get(part, {}).get(k) for k in keys} for part, keys in SETTINGS.items()})
+    return backbone, optimizer, config.get("loss", "bce"), settings
+
+
+def configurations(system_names, runs_dir, checkpoints=None):
+    """Group the systems whose runs (runs_dir/SYSTEM) trained the same settings but for the seed; others (BM25,
+    untrained) stand alone. `checkpoints` {system: (run, when)} groups checkpoints per configuration and place."""
+    groups, labels = {}, {}
     for system in system_names:
         run, when = (checkpoints or {}).get(system, (system, ""))
-        configuration = re.sub(r"-seed\d+$", "", run)
-        backbone, _, optimizer = configuration.rpartition("-")
-        if optimizer not in OPTIMIZERS:
-            backbone, optimizer = None, None
-        name = group_name(configuration, when)
-        groups.setdefault(name, Configuration(name, backbone, optimizer, when)).systems.append(system)
+        description = run_description(runs_dir / run)
+        key = (description or run, when)
+        label = labels.setdefault(description or run, re.sub(r"-seed\d+$", "", run))  # a label, nothing more
+        name = group_name(label, when)
+        groups.setdefault(key, Configuration(name, *(description or (None, None, None))[:3], when)).systems.append(system)
     return list(groups.values())
 
 
-def groups_by_name(systems, checkpoints=None):
+def groups_by_name(systems, runs_dir, checkpoints=None):
     """{row name: Configuration} of one data spec's systems, or of the checkpoints among them where given."""
-    return {group.name: group for group in configurations(list(checkpoints or systems), checkpoints)}
+    return {group.name: group for group in configurations(list(checkpoints or systems), runs_dir, checkpoints)}
+
+
+def reference_of(group, groups, reference):
+    """The reference optimizer's configuration on the same backbone, loss and place, if any."""
+    if group.optimizer in (None, reference):
+        return None
+    same = [g for g in groups.values() if (g.backbone, g.loss, g.when, g.optimizer) == (group.backbone, group.loss,
+                                                                                       group.when, reference)]  # fmt: skip
+    return same[0] if same else None
 
 
 def checkpoint_places(systems, runs_dir):
@@ -127,17 +160,17 @@ def read_per_query(spec, metrics, eval_dir):
     return {s: read_json(eval_dir / data_folder(spec) / f"{s}.per_query.json") for s in metrics}
 
 
-def config_cell(group, groups, metrics, per_query, measure):
-    """mean (± std over seeds) of a configuration, marked where Lion differs from AdamW on the same backbone."""
+def config_cell(group, groups, metrics, per_query, measure, reference):
+    """mean (± std over seeds) of a configuration, marked where it differs from the reference optimizer's."""
     text = mean_std([metrics[s][measure] for s in group.systems])
-    adamw = groups.get(group_name(f"{group.backbone}-adamw", group.when)) if group.optimizer == "lion" else None
-    if adamw is not None:
+    other = reference_of(group, groups, reference)
+    if other is not None:
         p = paired_p_value(
             seed_averaged([per_query[s] for s in group.systems]),
-            seed_averaged([per_query[s] for s in adamw.systems]),
+            seed_averaged([per_query[s] for s in other.systems]),
             measure,
         )
-        text += LION_MARK if p is not None and p < ALPHA else ""
+        text += REFERENCE_MARK if p is not None and p < ALPHA else ""
     return text
 
 
@@ -145,12 +178,12 @@ def row_name(group):
     return group.name + (f" ({len(group.systems)} seeds)" if len(group.systems) > 1 else "")
 
 
-def data_table(spec, metrics, eval_dir, checkpoints=None):
+def data_table(spec, metrics, eval_dir, checkpoints=None, reference="adamw"):
     """Markdown table of one data spec, and the bar chart's values {configuration: {column: mean}}."""
     columns, per_query = measure_columns(metrics), read_per_query(spec, metrics, eval_dir)
-    groups = groups_by_name(metrics, checkpoints)
+    groups = groups_by_name(metrics, eval_dir.parent / "runs", checkpoints)
     rows = [
-        [row_name(g)] + [config_cell(g, groups, metrics, per_query, m) for m in columns.values()]
+        [row_name(g)] + [config_cell(g, groups, metrics, per_query, m, reference) for m in columns.values()]
         for g in groups.values()
     ]
     bars = {g.name: {c: statistics.mean(metrics[s][m] for s in g.systems) for c, m in columns.items()} for g in groups.values()}
@@ -158,15 +191,17 @@ def data_table(spec, metrics, eval_dir, checkpoints=None):
     return f"## {heading}\n\n{markdown_table(['System', *columns], rows)}\n", bars
 
 
-def thesis_table(metrics, eval_dir, dev, checkpoints=None):
+def thesis_table(metrics, eval_dir, dev, checkpoints=None, reference="adamw"):
     """The thesis's Table 5.1 layout: NDCG@10, MAP, R-Prec, P@10 on TREC DL 2019 and MRR@10 on a dev set."""
     dl19_columns, dev_columns = measure_columns(metrics["dl19"]), measure_columns(metrics[dev])
     dl19_per_query, dev_per_query = read_per_query("dl19", metrics["dl19"], eval_dir), read_per_query(dev, metrics[dev], eval_dir)
-    dl19_groups, dev_groups = groups_by_name(metrics["dl19"], checkpoints), groups_by_name(metrics[dev], checkpoints)
+    runs_dir = eval_dir.parent / "runs"
+    dl19_groups, dev_groups = (groups_by_name(metrics[spec], runs_dir, checkpoints) for spec in ("dl19", dev))
     rows = [
         [row_name(g)]
-        + [config_cell(g, dl19_groups, metrics["dl19"], dl19_per_query, dl19_columns[c]) for c in THESIS_DL19_COLUMNS]
-        + [config_cell(dev_groups[name], dev_groups, metrics[dev], dev_per_query, dev_columns["MRR@10"])]
+        + [config_cell(g, dl19_groups, metrics["dl19"], dl19_per_query, dl19_columns[c], reference)
+           for c in THESIS_DL19_COLUMNS]
+        + [config_cell(dev_groups[name], dev_groups, metrics[dev], dev_per_query, dev_columns["MRR@10"], reference)]
         for name, g in dl19_groups.items()
         if name in dev_groups
     ]
@@ -175,32 +210,41 @@ def thesis_table(metrics, eval_dir, dev, checkpoints=None):
     return f"## {heading}\n\n{markdown_table(header, rows)}\n"
 
 
-def sections(metrics, eval_dir, checkpoints=None):
+def sections(metrics, eval_dir, checkpoints=None, reference="adamw"):
     """The tables of one evaluate.py output (the thesis layout first, where it can be shown), and the bar charts'
     values per data spec."""
     tables, bars = [], {}
     for spec, systems in metrics.items():
-        table, bars[spec] = data_table(spec, systems, eval_dir, checkpoints)
+        table, bars[spec] = data_table(spec, systems, eval_dir, checkpoints, reference)
         tables.append(table)
     for dev in [d for d in DEV_SETS if "dl19" in metrics and d in metrics]:
         if has_thesis_columns(measure_columns(metrics["dl19"]), measure_columns(metrics[dev])):
-            tables.insert(0, thesis_table(metrics, eval_dir, dev, checkpoints))
+            tables.insert(0, thesis_table(metrics, eval_dir, dev, checkpoints, reference))
     return tables, bars
 
 
 def training_curves(runs_dir):
-    """{backbone: {optimizer: [(run name, log_history)]}} from every run's trainer_state.json."""
+    """{backbone label: {optimizer: [(run name, log_history)]}} from every run's trainer_state.json."""
     curves = {}
     for state_file in sorted(runs_dir.glob("*/trainer_state.json")):
-        group = configurations([state_file.parent.name])[0]
+        [group] = configurations([state_file.parent.name], runs_dir)
         if group.optimizer:
+            label = group.name.removesuffix(f"-{group.optimizer}") if group.name.endswith(f"-{group.optimizer}") else (
+                Path(group.backbone).name)  # fmt: skip
             history = read_json(state_file).get("log_history", [])
-            curves.setdefault(group.backbone, {}).setdefault(group.optimizer, []).append((state_file.parent.name, history))
+            curves.setdefault(label, {}).setdefault(group.optimizer, []).append((state_file.parent.name, history))
     return curves
 
 
-def plot_curves(curves, figures_dir):
+def colors(optimizers, reference):
+    """An optimizer's colour, the same in every figure: the reference's blue, the others in order of appearance."""
+    others = [o for o in dict.fromkeys(optimizers) if o != reference]
+    return {reference: "tab:blue", **{o: PALETTE[i % len(PALETTE)] for i, o in enumerate(others)}}
+
+
+def plot_curves(curves, figures_dir, reference="adamw"):
     written = []
+    color = colors([optimizer for by_optimizer in curves.values() for optimizer in by_optimizer], reference)
     for backbone, by_optimizer in curves.items():
         for key, (title, ylabel) in CURVES.items():
             lines = [
@@ -214,7 +258,7 @@ def plot_curves(curves, figures_dir):
             figure, axes = plt.subplots(figsize=(6.4, 4))
             for optimizer, name, points in lines:
                 steps, values = zip(*points)
-                axes.plot(steps, values, color=COLORS[optimizer], label=name, marker="o" if len(points) < 8 else None)
+                axes.plot(steps, values, color=color[optimizer], label=name, marker="o" if len(points) < 8 else None)
             axes.set(title=f"{backbone}: {title}", xlabel="training step", ylabel=ylabel)
             axes.grid(alpha=0.3)
             axes.legend()
@@ -259,7 +303,7 @@ def main(argv=None):
     figures_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. The tables of the final models, per data spec, and their bar charts
-    tables, bars = sections(metrics, results / "eval")
+    tables, bars = sections(metrics, results / "eval", reference=args.reference)
     figures = [plot_bars(spec, values, figures_dir) for spec, values in bars.items()]
 
     # 3. The same per checkpoint, where run_all.sh evaluated them: the thesis tracked its three epochs and reported
@@ -268,14 +312,15 @@ def main(argv=None):
     if checkpoints_file.is_file():
         per_checkpoint = read_json(checkpoints_file)
         places = checkpoint_places(list(next(iter(per_checkpoint.values()), {})), results / "runs")
-        tables += sections(per_checkpoint, results / "eval-checkpoints", places)[0]
+        tables += sections(per_checkpoint, results / "eval-checkpoints", places, args.reference)[0]
     seeds_note = ", per-query values averaged over seeds" if "seeds)" in "".join(tables) else ""
-    note = f"{LION_MARK} Lion differs from AdamW on the same backbone, p < {ALPHA} (two-sided paired t-test over queries"
+    note = (f"{REFERENCE_MARK} differs from {args.reference} on the same backbone, p < {ALPHA} (two-sided paired t-test "
+            "over queries")  # fmt: skip
     table = "# Results\n\n" + "\n".join(tables) + f"\n{note}{seeds_note}).\n"
     write_atomic(results / "table.md", table)
 
     # 4. Training dynamics
-    figures += plot_curves(training_curves(results / "runs"), figures_dir)
+    figures += plot_curves(training_curves(results / "runs"), figures_dir, args.reference)
     print(table)
     print(f"Wrote {results / 'table.md'} and {len(figures)} figures in {figures_dir}")
 

@@ -5,8 +5,6 @@ A collection split `DIR:SPLIT` is `DIR/corpus.tsv`, `DIR/queries.SPLIT.tsv`, `DI
 `DIR/run.SPLIT.trec` (else BM25 over the corpus): the layout of ../shared/data.
 """
 
-import ctypes
-import functools
 import logging
 import math
 import os
@@ -23,8 +21,11 @@ import ir_measures
 import numpy as np
 import Stemmer
 import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.tokenization_utils_base import TruncationStrategy
 from transformers.utils import PaddingStrategy
+
+from cpu_fast_path import keep_freed_memory
 
 # --------------------------------------------------------------------------------------------------------------------
 # Thesis presets (Table 4.1). Everything not listed here is shared by all three (Table 4.2) and lives in train.py.
@@ -339,6 +340,52 @@ def _line_of(path, *tokens):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# The model: a one-logit sequence classifier on the backbone's [CLS] token (thesis section 4), loaded one way for
+# training (a new head) and for scoring (every weight from the folder).
+
+
+def cross_encoder_parts(name_or_path, new_head=False):
+    """-> (tokenizer, config) of a model, checked before any weight loads: to score, it must be a one-logit
+    ...ForSequenceClassification saved with its tokenizer, as train.py saves it."""
+    path = Path(name_or_path)
+    if not path.exists() and path.parent != Path(".") and path.parent.is_dir():
+        raise InputError(f"{name_or_path}: no such folder")  # rather than a hub id: runs/minilm, not org/name
+    try:
+        with quiet_downloads():
+            config = AutoConfig.from_pretrained(name_or_path, **({"num_labels": 1} if new_head else {}))
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:  # no such model / not a model transformers knows
+        raise InputError(f"{name_or_path}: cannot load model and tokenizer: {one_line(error)}") from None
+    if len(tokenizer) < getattr(config, "vocab_size", 0) / 2:  # transformers 5 makes an empty one where none is saved
+        raise InputError(f"{name_or_path}: no tokenizer saved with it ({len(tokenizer)} tokens for {config.vocab_size})")
+    architectures = config.architectures or []
+    if not new_head and (config.num_labels != 1 or not any(a.endswith("ForSequenceClassification") for a in architectures)):
+        raise InputError(
+            f"{name_or_path}: not a cross-encoder ({', '.join(architectures) or 'no architecture'} with "
+            f"{config.num_labels} labels; expected a ...ForSequenceClassification with 1 label, as train.py saves)"
+        )
+    if new_head and config.model_type == "modernbert":
+        config.classifier_pooling = "cls"
+    return tokenizer, config
+
+
+def load_cross_encoder(name_or_path, new_head=False, parts=None):
+    """-> (model, tokenizer). new_head: a backbone with a fresh head, to train; else a cross-encoder whose every weight
+    is in the folder, to score. `parts`: cross_encoder_parts' result, if checked already."""
+    tokenizer, config = parts or cross_encoder_parts(name_or_path, new_head)
+    try:
+        with quiet_downloads():
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, config=config, output_loading_info=True
+            )
+    except (OSError, ValueError) as error:
+        raise InputError(f"{name_or_path}: cannot load model: {one_line(error)}") from None
+    if loading["missing_keys"] and not new_head:
+        raise InputError(f"{name_or_path}: no trained weights for {', '.join(sorted(loading['missing_keys']))}")
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Scoring: a pair's score is the logit of the one-logit sequence-classification head. Its sigmoid (sentence-transformers'
 # CrossEncoder score, the model's relevance probability) ranks the same, but rounds into ties near 1: a run file's 6
 # decimals tie every logit above ~13.8, and trec_eval's 32-bit floats every one above ~16.6.
@@ -365,22 +412,17 @@ def fast_dtype(device):
     return torch.bfloat16 if device.type == "cpu" and torch._C._cpu._init_amx() else torch.float32
 
 
-@functools.cache  # once per process
-def keep_freed_memory():
-    """On the CPU (Linux, glibc): keep freed memory in the process instead of handing it back to the OS.
+def bf16_gpu():
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
-    glibc gives blocks over 32 MB back at once (mmap) and trims the heap when its top frees up, so every training
-    step or forward pass page-faults its large buffers anew: the 47 MB word-embedding gradient alone cost 35 ms a
-    step here. Keeping them made bf16 training steps ~25% and reranking ~20% faster on this project's 2-core CPU.
-    The price: the process holds on to its peak memory.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+def warn_if_no_gpu_where_one_was_named(training_args):
+    """A GPU named in CUDA_VISIBLE_DEVICES that torch cannot see (a wrong id, a CPU build of torch) would leave a run
+    training on the CPU for days without a word."""
+    named = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if training_args.use_cpu and named not in ("", "-1") and not torch.cuda.is_available():
+        logging.getLogger("train").warning("CUDA_VISIBLE_DEVICES=%s names a GPU, but torch sees none: training on "
+                                           "the CPU", named)  # fmt: skip
 
 
 def to_inference_dtype(model, dtype):
@@ -452,6 +494,19 @@ def pad_batch(encoded, rows, pad_token_id, padding_side="right"):
     real = positions >= width - lengths[:, None] if padding_side == "left" else positions < lengths[:, None]
     batch["attention_mask"] = torch.from_numpy(real.astype(np.int64))
     return batch
+
+
+def collate_pairs(tokenizer):
+    """The Trainer's data collator: a batch of tokenized pairs (and labels) padded by pad_batch."""
+
+    def collate(rows):
+        encoded = {key: [row[key] for row in rows] for key in rows[0] if key != "labels"}
+        batch = pad_batch(encoded, range(len(rows)), tokenizer.pad_token_id, tokenizer.padding_side)
+        if "labels" in rows[0]:
+            batch["labels"] = torch.tensor([row["labels"] for row in rows], dtype=torch.float32)
+        return batch
+
+    return collate
 
 
 @torch.inference_mode()

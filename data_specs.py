@@ -1,0 +1,147 @@
+"""The one data-spec language of train.py (--eval_data) and evaluate.py (--data): a SPEC becomes a reranker.Split.
+
+    DIR:SPLIT          DIR/queries.SPLIT.tsv, qrels.SPLIT.txt, corpus.tsv, and run.SPLIT.trec (else BM25 over the corpus)
+    dl19, dl20         ir_datasets msmarco-passage/trec-dl-2019/judged, .../trec-dl-2020/judged, official BM25 top-1000
+    dev-small          ir_datasets msmarco-passage/dev/small, its official BM25 top-1000
+    irds:<id>          any ir_datasets id with scoreddocs
+    msmarco-v1.1-val   Hugging Face microsoft/ms_marco v1.1 validation, each query's ~10 given passages
+
+A new kind of data: one branch in load_data. train.py's training data also comes from the hub's MS MARCO triplets
+(queries_from_hub).
+"""
+
+import math
+import re
+from pathlib import Path
+
+import datasets
+import ir_datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reranker import (InputError, Split, first_stage_top, load_split, one_line, quiet_downloads, read_fields,
+                      read_run, read_topics, split_paths, top_candidates)  # fmt: skip
+
+MSMARCO_HUB = "sentence-transformers/msmarco"  # the thesis code's training data: configs triplets, corpus, queries
+HUB_TRAIN_PAIRS = 2_000_000  # the thesis code's first 1 M triplets, as pairs (the hub has ~400 M)
+IRDS_NAMES = {
+    "dl19": "msmarco-passage/trec-dl-2019/judged",
+    "dl20": "msmarco-passage/trec-dl-2020/judged",
+    "dev-small": "msmarco-passage/dev/small",
+}
+MSMARCO_V11 = "msmarco-v1.1-val"
+
+
+def load_data(spec, top_k, with_candidates=True, candidates=None):
+    """A SPEC's queries and qrels, and with_candidates its first-stage top_k (from the `candidates` run file where
+    given) and their text."""
+    if spec in IRDS_NAMES or spec.startswith("irds:"):
+        with quiet_downloads(all_warnings=True):
+            dataset_id = IRDS_NAMES.get(spec, spec.removeprefix("irds:"))
+            return load_irds(spec, dataset_id, top_k, with_candidates, candidates)
+    if candidates:
+        raise InputError(f"--candidates {spec}=...: only for ir_datasets data (a DIR:SPLIT has DIR/run.SPLIT.trec)")
+    if spec == MSMARCO_V11:
+        with quiet_downloads():
+            return load_msmarco_v11(top_k)
+    if ":" not in spec:
+        raise InputError(f"{spec}: unknown data, expected DIR:SPLIT, dl19, dl20, dev-small, irds:<id> or {MSMARCO_V11}")
+    if with_candidates:
+        return load_split(spec, top_k)
+    queries, qrels = read_topics(split_paths(spec))  # run files need no corpus (../shared/data/trec-dl has none)
+    return Split(queries, qrels, {}, {}, spec)
+
+
+def load_irds(spec, dataset_id, top_k, with_candidates, candidates=None):
+    try:
+        dataset = ir_datasets.load(dataset_id)
+    except KeyError:
+        raise InputError(f"{spec}: {dataset_id} is not an ir_datasets id") from None
+    if with_candidates and not candidates and not dataset.has_scoreddocs():
+        raise InputError(f"{spec}: {dataset_id} has no first-stage run (scoreddocs) to rerank; give --candidates")
+    try:  # downloads on first use
+        queries = {query.query_id: query.default_text() for query in dataset.queries_iter()}
+        qrels = {}
+        for qrel in dataset.qrels_iter():
+            qrels.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
+        run, corpus, ranked = {}, {}, True
+        if with_candidates and candidates:  # e.g. Pyserini's run for all 200 DL19 topics: dl19's 43 judged are kept
+            run = {query_id: scores for query_id, scores in read_run(candidates).items() if query_id in queries}
+            if not run:
+                raise InputError(f"{candidates}: no query of {dataset_id} in it")
+        elif with_candidates:
+            for scored in dataset.scoreddocs_iter():
+                run.setdefault(scored.query_id, {})[scored.doc_id] = scored.score
+        if with_candidates:
+            # the official top-1000 of MS MARCO and TREC DL ranks nothing (all scores 0)
+            instead = "give ranked ones (--candidates SPEC=RUN_FILE)"
+            run, ranked = first_stage_top(run, top_k, candidates or spec, instead)
+            needed = {doc_id for scores in run.values() for doc_id in scores}
+            corpus = {doc.doc_id: doc.default_text() for doc in dataset.docs_store().get_many_iter(needed)}
+            if candidates and needed - corpus.keys():
+                for line_number, (_, _, doc_id, *_) in read_fields(candidates, 6, sep=None):
+                    if doc_id in needed and doc_id not in corpus:
+                        raise InputError(f"{candidates}:{line_number}: document {doc_id} is not in {dataset_id}")
+    except (OSError, RuntimeError) as error:  # ir_datasets raises RuntimeError when every download source fails
+        raise InputError(f"{spec}: cannot load {dataset_id} with ir_datasets: {one_line(error)}") from None
+    return Split(queries, qrels, run, corpus, spec, ranked)
+
+
+def load_msmarco_v11(top_k):
+    """MS MARCO v1.1 validation: each query's given passages (in the given order) with `is_selected` as the label.
+
+    Every query counts, those without a selected passage as 0, as the thesis's script (ms_marco_val_mrr.py) averaged
+    its MRR@10 over all 10,047 (MS MARCO's official evaluation would leave those queries out).
+    """
+    try:
+        rows = datasets.load_dataset("microsoft/ms_marco", "v1.1", split="validation")
+    except OSError as error:  # offline: ConnectionError; unknown name: DatasetNotFoundError
+        raise InputError(f"{MSMARCO_V11}: cannot load microsoft/ms_marco v1.1: {one_line(error)}") from None
+    queries, qrels, run, corpus = {}, {}, {}, {}
+    for row in rows:
+        passages = row["passages"]
+        query_id = str(row["query_id"])
+        queries[query_id] = row["query"]
+        for i, (text, selected) in enumerate(zip(passages["passage_text"], passages["is_selected"])):
+            doc_id = f"{query_id}-{i}"
+            corpus[doc_id] = text
+            qrels.setdefault(query_id, {})[doc_id] = int(selected)
+            run.setdefault(query_id, {})[doc_id] = float(len(passages["passage_text"]) - i)  # the given order
+    return Split(queries, qrels, top_candidates(run, top_k), corpus, MSMARCO_V11)
+
+
+def data_folder(spec):
+    """A folder name for a SPEC: `../shared/data/msmarco-sample:test` -> `msmarco-sample-test`."""
+    directory, _, split = spec.rpartition(":")
+    if directory and directory != "irds":
+        return f"{Path(directory).name}-{split}"
+    return re.sub(r"[^\w.-]+", "-", spec)
+
+
+# Training data from the hub: sentence-transformers/msmarco, the thesis code's.
+
+
+def hub_datasets():
+    """sentence-transformers/msmarco's configs triplets (of ids), corpus and queries, memory-mapped once cached."""
+    try:
+        with quiet_downloads():
+            return [datasets.load_dataset(MSMARCO_HUB, name, split="train") for name in ("triplets", "corpus", "queries")]
+    except OSError as error:  # offline: ConnectionError
+        raise InputError(f"{MSMARCO_HUB}: cannot load it from the hub: {one_line(error)}") from None
+
+
+def queries_from_hub(max_pairs):
+    """The first max_pairs / 2 triplets of the hub data, with their texts."""
+    triplets, corpus, queries = hub_datasets()
+    first = triplets.with_format("arrow")[: math.ceil(max_pairs / 2)]
+    query_ids, positive_ids, negative_ids = (first[c].to_pylist() for c in ("query_id", "positive_id", "negative_id"))
+    passage = texts_by_id(corpus, "passage_id", "passage", positive_ids + negative_ids)
+    query = texts_by_id(queries, "query_id", "query", query_ids)
+    return [(query[q], [passage[p]], [passage[n]]) for q, p, n in zip(query_ids, positive_ids, negative_ids)]
+
+
+def texts_by_id(dataset, id_column, text_column, ids):
+    """{id: text} of the rows whose id is in `ids`, picked out in Arrow: only those texts become Python strings."""
+    table = dataset.with_format("arrow")[:]  # memory-mapped, nothing read yet
+    rows = table.filter(pc.is_in(table[id_column], value_set=pa.array(list(set(ids)), type=table[id_column].type)))
+    return dict(zip(rows[id_column].to_pylist(), rows[text_column].to_pylist()))
