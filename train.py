@@ -62,6 +62,7 @@ from transformers.masking_utils import sdpa_mask
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
+from model_card import CheckpointCards, write_trainer_card
 from reranker import (
     PRESETS,
     InputError,
@@ -610,6 +611,7 @@ class RerankerTrainer(Trainer):
         self.add_callback(LogOptimizerCallback())
         self.stop_on_signal = StopOnSignal()
         self.add_callback(self.stop_on_signal)
+        self.add_callback(CheckpointCards(self))  # each checkpoint gets its own model card
         if self.args.device.type == "cpu":
             keep_freed_memory()
             if self.args.fast_cpu_dropout:
@@ -625,6 +627,11 @@ class RerankerTrainer(Trainer):
                 {"lr": self.args.learning_rate, "betas": (self.args.lion_beta1, self.args.lion_beta2)},
             )
         return super().create_optimizer(model)
+
+    def create_model_card(self, **kwargs):
+        # push_to_hub calls this to write README.md: our card (model_card.py), not the Trainer's generic one
+        if self.is_world_process_zero():
+            write_trainer_card(self, self.args.output_dir)
 
     def train(self, *args, **kwargs):
         with self.stop_on_signal.catching_signals():
@@ -837,6 +844,7 @@ def main(argv=None):
     # 6. Save the final model (safetensors) and tokenizer at the root of output_dir.
     trainer.save_model()
     trainer.save_state()
+    trainer.create_model_card()  # README.md: how this model was trained (model_card.py)
     if trainer.is_world_process_zero():
         remove_stop_checkpoints(training_args.output_dir)
     if eval_dataset is not None:  # the final model's validation metrics, evaluated once
