@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 from transformers.utils.hub import cached_file
 
-from data_specs import MSMARCO_V11, data_folder, load_data
+from data_specs import IRDS_NAMES, MSMARCO_V11, data_folder, load_data
+from model_card import add_evaluations, candidate_source, evaluation_section
 from reranker import (InputError, cpu_only, cross_encoder_parts, default_measures, evaluate_run, exit_on_input_error,
                       fast_dtype, format_run, leave_process_group, load_cross_encoder, one_line, query_chunks,
                       read_fields, read_run, relevance_level, reranks, to_inference_dtype, write_atomic)  # fmt: skip
@@ -335,7 +336,17 @@ def main():
         Path(side_file).unlink()
     logger.info("Wrote %s", output_dir / "metrics.json")
 
-    # 7. The tables, as markdown
+    # 7. Each local model folder's card gets its metrics and the first stage's (model_card.py)
+    for model, name in zip(args.models, names):
+        sections = {}
+        for spec, split in splits.items():
+            rows = {s: metrics[spec][s] for s in (name, first_stage_name(spec)) if s in metrics[spec]}
+            source = candidate_source(spec, args.top_k, args.candidates_of.get(spec), IRDS_NAMES.get(spec))
+            scored_in = f"{str(dtype).removeprefix('torch.')} with --max_length {args.max_length}"  # step 4's dtype
+            sections[spec] = evaluation_section(split, rows, columns[spec], source, scored_in)
+        add_evaluations(model, sections)
+
+    # 8. The tables, as markdown
     for spec, split in splits.items():
         judged = len(next(iter(per_query[spec].values())))
         qrels_kind = "graded qrels, relevant = grade >= 2" if relevance_level(split.qrels) == 2 else "binary qrels"

@@ -29,6 +29,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.training_args import OptimizerNames
 
 import stop_and_resume
+from model_card import CheckpointCards, write_trainer_card
 from data_specs import HUB_TRAIN_PAIRS, MSMARCO_HUB, hub_datasets, load_data, queries_from_hub
 from reranker import (PRESETS, InputError, bf16_gpu, collate_pairs, cpu_only, cross_encoder_parts, exit_on_input_error,
                       leave_process_group, load_cross_encoder, load_split, one_line, preset_for, ranking, read_fields,
@@ -297,6 +298,7 @@ class RerankerTrainer(stop_and_resume.ResumableTrainer):
         super().__init__(*args, compute_loss_func=functools.partial(loss.compute, group_size=group_size), **kwargs)
         self.group_size = group_size if loss.grouped else 1
         self.eval_in_pairs = not loss.grouped or self.compute_metrics is not None  # reranked candidates: no groups
+        self.add_callback(CheckpointCards(self))  # each checkpoint gets its own model card
         if self.args.device.type == "cpu":
             from cpu_fast_path import keep_freed_memory, use_cpu_fast_path
 
@@ -310,6 +312,10 @@ class RerankerTrainer(stop_and_resume.ResumableTrainer):
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
         loss = bce_loss(outputs, inputs["labels"])  # the validation candidates' eval_loss: the BCE
         return (loss, outputs) if return_outputs else loss
+
+    def create_model_card(self, **kwargs):  # push_to_hub calls it: our card (model_card.py), not the Trainer's
+        if self.is_world_process_zero():
+            write_trainer_card(self, self.args.output_dir)
 
     def create_optimizer(self, model=None):
         _, build = OPTIMIZERS.get(self.args.optimizer, (None, None))
@@ -392,6 +398,7 @@ def main(argv=None):
     # 6. Save the final model (safetensors) and tokenizer at the root of output_dir, and its validation metrics.
     trainer.save_model()
     trainer.save_state()
+    trainer.create_model_card()  # README.md: how this model was trained, for the hub (model_card.py)
     if trainer.is_world_process_zero():
         stop_and_resume.remove_stop_checkpoints(training_args.output_dir)
     if eval_dataset is not None:  # evaluated at the last step already, unless the best model was loaded
