@@ -1,6 +1,6 @@
 """The one data-spec language of train.py (--eval_data) and evaluate.py (--data): a SPEC becomes a reranker.Split.
 
-    DIR:SPLIT          DIR/queries.SPLIT.tsv, qrels.SPLIT.txt, corpus.tsv, and run.SPLIT.trec (else BM25 over the corpus)
+    DIR:SPLIT          DIR/queries.SPLIT.tsv, qrels.SPLIT.txt, corpus.tsv, run.SPLIT.trec (else BM25 over the corpus)
     dl19, dl20         ir_datasets msmarco-passage/trec-dl-2019/judged, .../trec-dl-2020/judged, official BM25 top-1000
     dev-small          ir_datasets msmarco-passage/dev/small, its official BM25 top-1000
     irds:<id>          any ir_datasets id with scoreddocs
@@ -19,8 +19,19 @@ import ir_datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reranker import (InputError, Split, first_stage_top, load_split, one_line, quiet_downloads, read_fields,
-                      read_run, read_topics, split_paths, top_candidates)  # fmt: skip
+from reranker import (
+    InputError,
+    Split,
+    first_stage_top,
+    load_split,
+    one_line,
+    quiet_downloads,
+    read_fields,
+    read_run,  # fmt: skip
+    read_topics,
+    split_paths,
+    top_candidates,
+)
 
 MSMARCO_HUB = "sentence-transformers/msmarco"  # the thesis code's training data: configs triplets, corpus, queries
 HUB_TRAIN_PAIRS = 2_000_000  # the thesis code's first 1 M triplets, as pairs (the hub has ~400 M)
@@ -125,7 +136,8 @@ def hub_datasets():
     """sentence-transformers/msmarco's configs triplets (of ids), corpus and queries, memory-mapped once cached."""
     try:
         with quiet_downloads():
-            return [datasets.load_dataset(MSMARCO_HUB, name, split="train") for name in ("triplets", "corpus", "queries")]
+            return [datasets.load_dataset(MSMARCO_HUB, name, split="train") for name in ("triplets", "corpus",
+                                                                                           "queries")]  # fmt: skip
     except OSError as error:  # offline: ConnectionError
         raise InputError(f"{MSMARCO_HUB}: cannot load it from the hub: {one_line(error)}") from None
 

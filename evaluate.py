@@ -44,11 +44,37 @@ from transformers.utils.hub import cached_file
 
 from data_specs import IRDS_NAMES, MSMARCO_V11, data_folder, load_data
 from model_card import add_evaluations, candidate_source, evaluation_section
-from reranker import (InputError, cpu_only, cross_encoder_parts, default_measures, evaluate_run, exit_on_input_error,
-                      fast_dtype, format_run, leave_process_group, load_cross_encoder, one_line, query_chunks,
-                      read_fields, read_run, relevance_level, reranks, to_inference_dtype, write_atomic)  # fmt: skip
-from tables import (BASELINE_MARK, COLUMNS, DEV_SETS, FIRST_STAGE_MARK, add_significance, data_table, has_thesis_columns,
-                    legend, thesis_table)  # fmt: skip
+from reranker import (
+    InputError,
+    cpu_only,
+    cross_encoder_parts,
+    default_measures,
+    evaluate_run,
+    exit_on_input_error,
+    fast_dtype,
+    format_run,
+    leave_process_group,
+    load_cross_encoder,
+    one_line,
+    query_chunks,
+    read_fields,  # fmt: skip
+    read_run,
+    relevance_level,
+    reranks,
+    to_inference_dtype,
+    write_atomic,
+)
+from tables import (
+    BASELINE_MARK,
+    COLUMNS,
+    DEV_SETS,
+    FIRST_STAGE_MARK,
+    add_significance,
+    data_table,
+    has_thesis_columns,
+    legend,  # fmt: skip
+    thesis_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +102,8 @@ class EvaluationArguments:
     )  # fmt: skip
     batch_tokens: int | None = field(
         default=None,
-        metadata={"help": "Padded tokens per forward pass (default 4096 on a CPU, 65536 on a GPU); lower when out of memory."},
+        metadata={"help": "Padded tokens per forward pass (default 4096 on a CPU, 65536 on a GPU); lower when out of "
+                          "memory."},  # fmt: skip
     )
     dtype: str = field(
         default="auto",

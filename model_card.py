@@ -311,7 +311,8 @@ def training_card(folder, run_config, args, state, pairs, positives, usage_path)
         f"---\n{metadata.to_yaml()}\n---",
         f"# {name}",
         f"A cross-encoder reranker: a one-logit sequence classifier that scores a (query, passage) pair, higher for "
-        f"more relevant. Fine-tuned from {origin} with {loss_text(script).split(' (')[0]} and {optimizer_text(args).split(',')[0]}, "
+        f"more relevant. Fine-tuned from {origin} with {loss_text(script).split(' (')[0]} and "
+        f"{optimizer_text(args).split(',')[0]}, "
         "by train.py of *Lion vs AdamW for cross-encoder rerankers*.",
     ]
     if is_checkpoint:

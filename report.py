@@ -25,8 +25,15 @@ from transformers import HfArgumentParser  # noqa: E402
 
 from data_specs import data_folder  # noqa: E402
 from reranker import InputError, exit_on_input_error, measures_at, write_atomic  # noqa: E402
-from tables import ALPHA, COLUMNS, DEV_SETS, THESIS_DL19_COLUMNS, has_thesis_columns, markdown_table  # noqa: E402
-from tables import paired_p_value  # noqa: E402
+from tables import (  # noqa: E402
+    ALPHA,
+    COLUMNS,
+    DEV_SETS,
+    THESIS_DL19_COLUMNS,
+    has_thesis_columns,
+    markdown_table,
+    paired_p_value,  # noqa: E402
+)
 
 REFERENCE_MARK = "‡"
 CURVES = {  # trainer_state.json key -> (figure title, y label)
@@ -74,7 +81,7 @@ def run_description(run_dir):
     if not path.is_file():
         return None
     config = read_json(path)
-    training, script = config.get("training", {}), config.get("script", {})
+    training = config.get("training", {})
     optimizer = config.get("optimizer") or TRAINER_NAMES.get(training.get("optim"), training.get("optim"))
     backbone = config.get("backbone") or config.get("preset", {}).get("model_name_or_path")
     settings = json.dumps({part: {k: config.get(part, {}).get(k) for k in keys} for part, keys in SETTINGS.items()})
@@ -91,7 +98,8 @@ def configurations(system_names, runs_dir, checkpoints=None):
         key = (description or run, when)
         label = labels.setdefault(description or run, re.sub(r"-seed\d+$", "", run))  # a label, nothing more
         name = group_name(label, when)
-        groups.setdefault(key, Configuration(name, *(description or (None, None, None))[:3], when)).systems.append(system)
+        trained = (description or (None, None, None))[:3]  # backbone, optimizer, loss
+        groups.setdefault(key, Configuration(name, *trained, when)).systems.append(system)
     return list(groups.values())
 
 
@@ -104,8 +112,8 @@ def reference_of(group, groups, reference):
     """The reference optimizer's configuration on the same backbone, loss and place, if any."""
     if group.optimizer in (None, reference):
         return None
-    same = [g for g in groups.values() if (g.backbone, g.loss, g.when, g.optimizer) == (group.backbone, group.loss,
-                                                                                       group.when, reference)]  # fmt: skip
+    wanted = (group.backbone, group.loss, group.when, reference)
+    same = [g for g in groups.values() if (g.backbone, g.loss, g.when, g.optimizer) == wanted]
     return same[0] if same else None
 
 
@@ -186,7 +194,8 @@ def data_table(spec, metrics, eval_dir, checkpoints=None, reference="adamw"):
         [row_name(g)] + [config_cell(g, groups, metrics, per_query, m, reference) for m in columns.values()]
         for g in groups.values()
     ]
-    bars = {g.name: {c: statistics.mean(metrics[s][m] for s in g.systems) for c, m in columns.items()} for g in groups.values()}
+    bars = {g.name: {c: statistics.mean(metrics[s][m] for s in g.systems) for c, m in columns.items()}
+            for g in groups.values()}  # fmt: skip
     heading = f"{spec}, per checkpoint" if checkpoints else spec
     return f"## {heading}\n\n{markdown_table(['System', *columns], rows)}\n", bars
 
@@ -194,7 +203,7 @@ def data_table(spec, metrics, eval_dir, checkpoints=None, reference="adamw"):
 def thesis_table(metrics, eval_dir, dev, checkpoints=None, reference="adamw"):
     """The thesis's Table 5.1 layout: NDCG@10, MAP, R-Prec, P@10 on TREC DL 2019 and MRR@10 on a dev set."""
     dl19_columns, dev_columns = measure_columns(metrics["dl19"]), measure_columns(metrics[dev])
-    dl19_per_query, dev_per_query = read_per_query("dl19", metrics["dl19"], eval_dir), read_per_query(dev, metrics[dev], eval_dir)
+    dl19_per_query, dev_per_query = (read_per_query(spec, metrics[spec], eval_dir) for spec in ("dl19", dev))
     runs_dir = eval_dir.parent / "runs"
     dl19_groups, dev_groups = (groups_by_name(metrics[spec], runs_dir, checkpoints) for spec in ("dl19", dev))
     rows = [
@@ -314,8 +323,8 @@ def main(argv=None):
         places = checkpoint_places(list(next(iter(per_checkpoint.values()), {})), results / "runs")
         tables += sections(per_checkpoint, results / "eval-checkpoints", places, args.reference)[0]
     seeds_note = ", per-query values averaged over seeds" if "seeds)" in "".join(tables) else ""
-    note = (f"{REFERENCE_MARK} differs from {args.reference} on the same backbone, p < {ALPHA} (two-sided paired t-test "
-            "over queries")  # fmt: skip
+    note = f"{REFERENCE_MARK} differs from {args.reference} on the same backbone, p < {ALPHA} (two-sided paired t-test"
+    note += " over queries"
     table = "# Results\n\n" + "\n".join(tables) + f"\n{note}{seeds_note}).\n"
     write_atomic(results / "table.md", table)
 

