@@ -268,6 +268,14 @@ def remove_stop_checkpoints(output_dir):
         logger.info("Removed %s: saved by a stop to resume from, and the run has finished", note.parent)
 
 
+def prepare_run(script_args, training_args):
+    """-> the checkpoint to resume from (None: a new run), with the output folder and W&B ready for it."""
+    checkpoint = resume_checkpoint(training_args)
+    prepare_output_dir(script_args, training_args, resuming=checkpoint is not None)
+    configure_wandb(training_args, resuming=checkpoint is not None)
+    return checkpoint
+
+
 def prepare_output_dir(script_args, training_args, resuming=False):
     """Never overwrite a finished or running experiment unless asked; resuming (from a checkpoint found) is asked."""
     output_dir = Path(training_args.output_dir)

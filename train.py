@@ -5,18 +5,15 @@
     python train.py --model path/to/model --optim adafactor --loss lce --group_size 4 \
         --train_data ../shared/data/msmarco-sample:train --eval_data ../shared/data/msmarco-sample:test --max_steps 60
 
-`--model minilm|gte|modernbert` picks thesis Table 4.1 (model, learning rate, max length, schedule); the other defaults
-are Table 4.2. An explicit flag beats the preset, and every TrainingArguments flag works. Training data: the hub's
-`sentence-transformers/msmarco` (the thesis code's first 1 M triplets), a triples file `query<TAB>positive<TAB>negative`
-or a split `DIR:SPLIT` (positives from the qrels, negatives from the run). New optimizer or loss: one entry in
-OPTIMIZERS or LOSSES below.
+`--model minilm|gte|modernbert` picks thesis Table 4.1 (model, learning rate, max length, schedule), the defaults are
+Table 4.2; an explicit flag beats both, and every TrainingArguments flag works. Data: the hub's sentence-transformers/
+msmarco (the thesis code's), a triples TSV, or DIR:SPLIT. A new optimizer or loss is one entry in OPTIMIZERS or LOSSES.
 """
 
 import functools
 import json
 import logging
 import os
-import random
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,6 +25,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.training_args import OptimizerNames
 
 import stop_and_resume
+from cpu_fast_path import keep_freed_memory, use_cpu_fast_path
 from data_specs import HUB_TRAIN_PAIRS, MSMARCO_HUB, hub_datasets, load_data, queries_from_hub
 from model_card import CheckpointCards, write_trainer_card
 from reranker import (
@@ -49,12 +47,11 @@ from reranker import (
     warn_if_no_gpu_where_one_was_named,
     write_atomic,
 )
-from validation import length_order, rerank_metrics, tokenize_pairs, validation_set
+from validation import hold_out, length_order, rerank_metrics, tokenize_pairs, validation_set
 
 logger = logging.getLogger("train")
 
 HUB_EVAL_PAIRS = 10_000  # the thesis code's train_test_split(test_size=10_000): its evaluation loss
-HOLD_OUT_SEED = 0  # the same held-out pairs for every --seed, so their evaluation losses compare
 
 
 @dataclass
@@ -63,11 +60,7 @@ class ScriptArguments:
     train_data: str = field(default=MSMARCO_HUB, metadata={"help": f"{MSMARCO_HUB}, a triples TSV or DIR:SPLIT."})
     eval_data: str | None = field(default=None, metadata={"help": "Validation data, any evaluate.py --data spec."})
     eval_top_k: int = field(default=100, metadata={"help": "Candidates per validation query to rerank."})
-    eval_pairs: int | None = field(
-        default=None,
-        metadata={"help": f"Training pairs held out for an eval_loss every 5%% of the run (default {HUB_EVAL_PAIRS:,} "
-                          f"of {MSMARCO_HUB}, at most a tenth; else none). Not with --eval_data."},
-    )  # fmt: skip
+    eval_pairs: int | None = field(default=None, metadata={"help": "Pairs held out: eval_loss every 5%% of the run."})
     max_length: int | None = field(default=None, metadata={"help": "Max tokens per pair (preset: 512 or 8192)."})
     max_train_pairs: int | None = field(default=None, metadata={"help": f"At most (hub: {HUB_TRAIN_PAIRS:,})."})
     negatives_per_query: int | None = field(default=None, metadata={"help": "DIR:SPLIT: best-ranked negatives kept."})
@@ -78,12 +71,10 @@ class ScriptArguments:
     check_only: bool = field(default=False, metadata={"help": "Check flags, data and model: exit 0 or 2."})
 
     def __post_init__(self):
-        for name in ("eval_top_k", "max_length", "max_train_pairs"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise InputError(f"--{name} must be at least 1")
-        for name in ("negatives_per_query", "eval_pairs"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise InputError(f"--{name} must be 0 or more")
+        for name, least in [("eval_top_k", 1), ("max_length", 1), ("max_train_pairs", 1), ("negatives_per_query", 0),
+                            ("eval_pairs", 0)]:  # fmt: skip
+            if getattr(self, name) is not None and getattr(self, name) < least:
+                raise InputError(f"--{name} must be {'at least 1' if least else '0 or more'}")
         if self.loss not in LOSSES:
             raise InputError(f"--loss {self.loss}: not one of {', '.join(LOSSES)}")
         if LOSSES[self.loss].grouped and self.group_size < 2:
@@ -161,13 +152,12 @@ def parse_args(argv):
         raise InputError(str(error).splitlines()[0]) from None
     if training_args.eval_strategy != "no" and not (script_args.eval_data or script_args.eval_pairs):
         raise InputError(f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data or --eval_pairs")
-    grouped = LOSSES[script_args.loss].grouped
     metrics = ("loss", "mrr@10", "ndcg@10") if script_args.eval_data else ("loss",)
     metric = training_args.metric_for_best_model
     if metric and metric.removeprefix("eval_") not in metrics:
         raise InputError(f"--metric_for_best_model {metric}: not one of {', '.join(metrics)}")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
-        if grouped and getattr(training_args, name) % script_args.group_size:
+        if LOSSES[script_args.loss].grouped and getattr(training_args, name) % script_args.group_size:
             raise InputError(f"--{name} {getattr(training_args, name)}: not a multiple of --group_size "
                              f"{script_args.group_size}, so a batch would split a query's group")  # fmt: skip
     return script_args, training_args, preset
@@ -215,20 +205,16 @@ def as_pairs(entries):
 def as_groups(entries, group_size):
     """One group per positive: it, then its query's first group_size - 1 negatives (the same every epoch). Triplets
     of one query pool their negatives; a query with too few is skipped, with a count."""
-    pooled = {}
+    pooled = {}  # query -> its positives and negatives, as ordered sets
     for query, positives, negatives in entries:
-        kept = pooled.setdefault(query, ({}, {}))
-        kept[0].update(dict.fromkeys(positives)), kept[1].update(dict.fromkeys(negatives))
-    groups, skipped = [], 0
-    for query, (positives, negatives) in pooled.items():
-        if len(negatives) < group_size - 1:
-            skipped += 1
-            continue
-        groups += [[(query, p, 1.0)] + [(query, n, 0.0) for n in list(negatives)[: group_size - 1]] for p in positives]
-    if skipped:
-        logger.warning("%d of %d queries skipped: fewer than --group_size - 1 = %d negatives", skipped, len(pooled),
-                       group_size - 1)  # fmt: skip
-    return groups
+        pooled.setdefault(query, ({}, {}))[0].update(dict.fromkeys(positives))
+        pooled[query][1].update(dict.fromkeys(negatives))
+    kept = {q: (p, list(n)[: group_size - 1]) for q, (p, n) in pooled.items() if len(n) >= group_size - 1}
+    if len(kept) < len(pooled):
+        logger.warning("%d of %d queries skipped: fewer than --group_size - 1 = %d negatives", len(pooled) - len(kept),
+                       len(pooled), group_size - 1)  # fmt: skip
+    return [[(q, p, 1.0)] + [(q, n, 0.0) for n in negatives] for q, (positives, negatives) in kept.items()
+            for p in positives]  # fmt: skip
 
 
 def load_examples(source, max_pairs=None, negatives_per_query=None, group_size=1):
@@ -238,14 +224,6 @@ def load_examples(source, max_pairs=None, negatives_per_query=None, group_size=1
     if not examples:
         raise InputError(f"{source}: no training pairs in it")
     return examples[: max_pairs // group_size] if max_pairs else examples
-
-
-def hold_out(examples, n, seed=HOLD_OUT_SEED):
-    """-> (the training examples, `n` others drawn at random for the evaluation loss), both in their order."""
-    if n >= len(examples):
-        raise InputError(f"--eval_pairs: the training data has only {len(examples)} examples to hold out {n} of")
-    held_out = set(random.Random(seed).sample(range(len(examples)), n))
-    return [e for i, e in enumerate(examples) if i not in held_out], [examples[i] for i in sorted(held_out)]
 
 
 # 2. Losses: name -> Loss. Each gets the logits, the labels and the number of pairs in the whole optimizer step
@@ -313,17 +291,15 @@ class RerankerTrainer(stop_and_resume.ResumableTrainer):
         loss = loss or LOSSES["bce"]
         super().__init__(*args, compute_loss_func=functools.partial(loss.compute, group_size=group_size), **kwargs)
         self.group_size = group_size if loss.grouped else 1
-        self.eval_in_pairs = not loss.grouped or self.compute_metrics is not None  # reranked candidates: no groups
+        self.eval_with_bce = loss.grouped and self.compute_metrics is not None  # reranked candidates come ungrouped
         self.add_callback(CheckpointCards(self))  # each checkpoint gets its own model card
         if self.args.device.type == "cpu":
-            from cpu_fast_path import keep_freed_memory, use_cpu_fast_path
-
             keep_freed_memory()
             if self.args.fast_cpu_dropout:
                 use_cpu_fast_path(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training or not self.eval_in_pairs or self.group_size == 1:
+        if model.training or not self.eval_with_bce:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
         loss = bce_loss(outputs, inputs["labels"])  # the validation candidates' eval_loss: the BCE
@@ -340,9 +316,7 @@ class RerankerTrainer(stop_and_resume.ResumableTrainer):
         return super().create_optimizer(model)
 
 
-def load_model(name_or_path):
-    """A new one-logit head on the backbone's [CLS] token (thesis section 4)."""
-    return load_cross_encoder(name_or_path, new_head=True)
+load_model = functools.partial(load_cross_encoder, new_head=True)  # a new one-logit head on [CLS] (thesis section 4)
 
 
 @exit_on_input_error
@@ -365,9 +339,7 @@ def main(argv=None):
         logger.info("%s %s and %s", "Cached" if script_args.download_only else "Checked", preset.model_name_or_path,
                     script_args.train_data)  # fmt: skip
         return leave_process_group(training_args.distributed_state)
-    checkpoint = stop_and_resume.resume_checkpoint(training_args)
-    stop_and_resume.prepare_output_dir(script_args, training_args, resuming=checkpoint is not None)
-    stop_and_resume.configure_wandb(training_args, resuming=checkpoint is not None)
+    checkpoint = stop_and_resume.prepare_run(script_args, training_args)  # the one to resume from, if any
     warn_if_no_gpu_where_one_was_named(training_args)
 
     # 2. Model and tokenizer (seeded first: the new classification head is drawn from the RNG).
@@ -389,8 +361,8 @@ def main(argv=None):
             eval_dataset, keys, qrels = validation_set(script_args.eval_data, script_args.eval_top_k, tokenizer,
                                                        script_args.max_length)  # fmt: skip
             compute_metrics = rerank_metrics(keys, qrels)
-    logger.info("%d training pairs (%d positive)%s", len(pairs), sum(label > 0 for _, _, label in pairs),
-                f", {len(eval_dataset)} held out for the evaluation loss" if script_args.eval_pairs else "")
+    logger.info("%d training pairs (%d positive), %d for evaluation", len(pairs), sum(y > 0 for _, _, y in pairs),
+                len(eval_dataset or []))  # fmt: skip
 
     # 4. The resolved configuration, next to the checkpoints: what the run is, whatever its folder is called.
     if training_args.process_index == 0:
@@ -402,11 +374,9 @@ def main(argv=None):
         write_atomic(Path(training_args.output_dir) / "run_config.json", json.dumps(config, indent=2, default=str))
 
     # 5. Train (a stop's checkpoint or a bad loss exits here).
-    trainer = RerankerTrainer(
-        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer, data_collator=collate_pairs(tokenizer), compute_metrics=compute_metrics,
-        loss=loss, group_size=group_size,
-    )  # fmt: skip
+    trainer = RerankerTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                              processing_class=tokenizer, data_collator=collate_pairs(tokenizer),
+                              compute_metrics=compute_metrics, loss=loss, group_size=group_size)  # fmt: skip
     result = trainer.train_or_exit(checkpoint)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

@@ -2,11 +2,15 @@
 candidates (MRR@10, nDCG@10, as evaluate.py scores them), or scores pairs held out of the training data (eval_loss).
 """
 
+import random
+
 import datasets
 import ir_measures
 
 from data_specs import load_data
 from reranker import InputError, encode_pairs, evaluate_run, relevance_level, scores_from_logits
+
+HOLD_OUT_SEED = 0  # the same held-out pairs for every --seed, so their evaluation losses compare
 
 
 def tokenize_pairs(pairs, tokenizer, max_length):
@@ -47,3 +51,11 @@ def rerank_metrics(keys, qrels):
         return {"mrr@10": aggregate[str(mrr)], "ndcg@10": aggregate[str(ndcg)]}
 
     return compute_metrics
+
+
+def hold_out(examples, n, seed=HOLD_OUT_SEED):
+    """-> (the training examples, `n` others drawn at random for the evaluation loss), both in their order."""
+    if n >= len(examples):
+        raise InputError(f"--eval_pairs: the training data has only {len(examples)} examples to hold out {n} of")
+    held_out = set(random.Random(seed).sample(range(len(examples)), n))
+    return [e for i, e in enumerate(examples) if i not in held_out], [examples[i] for i in sorted(held_out)]

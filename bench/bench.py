@@ -52,7 +52,7 @@ class StepTimer(TrainerCallback):
 
 
 def training_pairs():
-    return train.pairs_from_split(f"{DATA}:train", negatives_per_query=3)
+    return [pair for example in train.load_examples(f"{DATA}:train", negatives_per_query=3) for pair in example]
 
 
 def ours_training(model_path, pairs, steps, bf16, tmp, optim="adamw", flags=()):
@@ -67,7 +67,7 @@ def ours_training(model_path, pairs, steps, bf16, tmp, optim="adamw", flags=()):
     timer = StepTimer()
     trainer = train.RerankerTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer],
-        data_collator=train.DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16),
+        data_collator=train.collate_pairs(tokenizer),
     )  # fmt: skip
     trainer.train()
     efficiency = padding_efficiency(trainer.get_train_dataloader(), steps)

@@ -17,6 +17,16 @@ import evaluate
 import train
 
 
+@pytest.fixture(autouse=True)
+def forget_bitsandbytes_overrides():
+    """The Trainer registers 32-bit state for embeddings of bitsandbytes' 8-bit optimizers in a process-wide manager,
+    keyed by parameter id: a later model whose parameter reuses a freed id would inherit it in a later test."""
+    import bitsandbytes as bnb
+
+    yield
+    bnb.optim.GlobalOptimManager.get_instance().initialize()
+
+
 def trainer_for(model, tmp_path, *argv, pairs=16):
     """A RerankerTrainer on `pairs` tiny pairs, as train.main builds it."""
     script_args, args, _ = train.parse_args(["--model", model, "--output_dir", str(tmp_path / "out"),
