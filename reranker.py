@@ -5,6 +5,7 @@ A collection split `DIR:SPLIT` is `DIR/corpus.tsv`, `DIR/queries.SPLIT.tsv`, `DI
 `DIR/run.SPLIT.trec` (else BM25 over the corpus): the layout of ../shared/data.
 """
 
+import functools
 import logging
 import math
 import os
@@ -499,16 +500,17 @@ def pad_batch(encoded, rows, pad_token_id, padding_side="right"):
 
 
 def collate_pairs(tokenizer):
-    """The Trainer's data collator: a batch of tokenized pairs (and labels) padded by pad_batch."""
+    """The Trainer's data collator: a batch of tokenized pairs (and labels) padded by pad_batch. A partial, not a
+    closure, so that spawned data loader workers can unpickle it."""
+    return functools.partial(collate_rows, pad_token_id=tokenizer.pad_token_id, padding_side=tokenizer.padding_side)
 
-    def collate(rows):
-        encoded = {key: [row[key] for row in rows] for key in rows[0] if key != "labels"}
-        batch = pad_batch(encoded, range(len(rows)), tokenizer.pad_token_id, tokenizer.padding_side)
-        if "labels" in rows[0]:
-            batch["labels"] = torch.tensor([row["labels"] for row in rows], dtype=torch.float32)
-        return batch
 
-    return collate
+def collate_rows(rows, pad_token_id, padding_side):
+    encoded = {key: [row[key] for row in rows] for key in rows[0] if key != "labels"}
+    batch = pad_batch(encoded, range(len(rows)), pad_token_id, padding_side)
+    if "labels" in rows[0]:
+        batch["labels"] = torch.tensor([row["labels"] for row in rows], dtype=torch.float32)
+    return batch
 
 
 @torch.inference_mode()

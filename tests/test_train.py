@@ -764,7 +764,7 @@ def test_hub_pairs_are_the_thesis_codes_first_triplets_with_their_texts(monkeypa
         "queries": datasets.Dataset.from_dict({"query_id": [ids[q] for q in ["9", "8", "7"]],
                                                "query": ["Q9", "Q8", "Q7"]}),
     }  # fmt: skip
-    monkeypatch.setattr(train.datasets, "load_dataset", lambda name, config, split: hub[config])
+    monkeypatch.setattr(data_specs.datasets, "load_dataset", lambda name, config, split: hub[config])
     monkeypatch.setattr(train, "HUB_TRAIN_PAIRS", 4)
 
     assert load_pairs(train.MSMARCO_HUB) == [("Q7", "P1", 1.0), ("Q7", "N1", 0.0), ("Q8", "P2", 1.0),
@@ -784,7 +784,7 @@ def test_download_only_fetches_the_model_and_the_hub_data_and_writes_nothing(min
         "corpus": datasets.Dataset.from_dict({"passage_id": ["p1", "n1"], "passage": ["P1", "N1"]}),
         "queries": datasets.Dataset.from_dict({"query_id": ["7"], "query": ["Q7"]}),
     }
-    monkeypatch.setattr(train.datasets, "load_dataset", lambda _, config, split: loaded.append(config) or hub[config])
+    monkeypatch.setattr(data_specs.datasets, "load_dataset", lambda _, config, split: loaded.append(config) or hub[config])
     models, load_model = [], train.load_model
     monkeypatch.setattr(train, "load_model", lambda name: models.append(name) or load_model(name))
     finished = tmp_path / "run"
