@@ -29,10 +29,10 @@ from tables import (  # noqa: E402
     ALPHA,
     COLUMNS,
     DEV_SETS,
-    THESIS_DL19_COLUMNS,
     has_thesis_columns,
     markdown_table,
-    paired_p_value,  # noqa: E402
+    paired_p_value,
+    thesis_layout,  # noqa: E402
 )
 
 REFERENCE_MARK = "‡"
@@ -202,21 +202,18 @@ def data_table(spec, metrics, eval_dir, checkpoints=None, reference="adamw"):
 
 def thesis_table(metrics, eval_dir, dev, checkpoints=None, reference="adamw"):
     """The thesis's Table 5.1 layout: NDCG@10, MAP, R-Prec, P@10 on TREC DL 2019 and MRR@10 on a dev set."""
-    dl19_columns, dev_columns = measure_columns(metrics["dl19"]), measure_columns(metrics[dev])
-    dl19_per_query, dev_per_query = (read_per_query(spec, metrics[spec], eval_dir) for spec in ("dl19", dev))
-    runs_dir = eval_dir.parent / "runs"
-    dl19_groups, dev_groups = (groups_by_name(metrics[spec], runs_dir, checkpoints) for spec in ("dl19", dev))
-    rows = [
-        [row_name(g)]
-        + [config_cell(g, dl19_groups, metrics["dl19"], dl19_per_query, dl19_columns[c], reference)
-           for c in THESIS_DL19_COLUMNS]
-        + [config_cell(dev_groups[name], dev_groups, metrics[dev], dev_per_query, dev_columns["MRR@10"], reference)]
-        for name, g in dl19_groups.items()
-        if name in dev_groups
-    ]
-    header = ["System"] + [f"{c} (DL19)" for c in THESIS_DL19_COLUMNS] + [f"MRR@10 ({dev})"]
+    specs = ("dl19", dev)
+    columns = {spec: measure_columns(metrics[spec]) for spec in specs}
+    per_query = {spec: read_per_query(spec, metrics[spec], eval_dir) for spec in specs}
+    groups = {spec: groups_by_name(metrics[spec], eval_dir.parent / "runs", checkpoints) for spec in specs}
+
+    def text(name):
+        return lambda spec, column: config_cell(groups[spec][name], groups[spec], metrics[spec], per_query[spec],
+                                                columns[spec][column], reference)  # fmt: skip
+
+    rows = {row_name(g): text(name) for name, g in groups["dl19"].items() if name in groups[dev]}
     heading = f"Thesis layout (Table 5.1): TREC DL 2019 and {dev}" + (", per checkpoint" if checkpoints else "")
-    return f"## {heading}\n\n{markdown_table(header, rows)}\n"
+    return f"## {heading}\n\n{thesis_layout(rows, dev)}\n"
 
 
 def sections(metrics, eval_dir, checkpoints=None, reference="adamw"):

@@ -9,8 +9,8 @@
 #   bash run_all.sh --download                        # where there is network: fetch what the grid needs, then
 #   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 bash run_all.sh   # on GPU nodes without it
 #
-# Options: --models "..." --optims "..." --seeds "..." --gpus "0 1 ..." --output DIR --candidates "SPEC=RUN_FILE ..."
-# --demo --download --help; everything after `--` goes to train.py.
+# Options: --models "..." --optims "..." (adamw, lion or any Trainer optimizer) --seeds "..." --gpus "0 1 ..."
+# --output DIR --candidates "SPEC=RUN_FILE ..." --demo --download --help; everything after `--` goes to train.py.
 # Each run trains on one GPU with the thesis's batch of 16, and several GPUs train several runs at once (DDP over N
 # GPUs would make the batch 16 N, another experiment). Re-running skips what is finished (a run with its final
 # model, an evaluation newer than every model) and resumes an interrupted training run from its last checkpoint.
@@ -50,9 +50,8 @@ while [ $# -gt 0 ]; do
     *) bad_option "unknown option $1" ;;
   esac
 done
-# Checked here, not by each run: on several GPUs they would all start and fail
+# Checked here, not by each run: on several GPUs they would all start and fail (train.py checks the rest, below)
 for seed in $SEEDS; do [[ "$seed" =~ ^[0-9]+$ ]] || bad_option "--seeds: $seed is not a whole number"; done
-for optim in $OPTIMS; do [[ "$optim" =~ ^(adamw|lion)$ ]] || bad_option "--optims: $optim is not adamw or lion"; done
 [ -n "${MODELS// /}" ] && [ -n "${OPTIMS// /}" ] && [ -n "${SEEDS// /}" ] ||
   bad_option "--models, --optims and --seeds: at least one each"
 
@@ -186,6 +185,18 @@ for model in $MODELS; do
       fi
     done
   done
+done
+# Each configuration left to train checks its flags, optimizer, data and model now (train.py --check_only, exit 0
+# or 2), before any run starts: on several GPUs a bad one would fail beside the others, or after days of them
+CHECKED=" "
+for i in ${TODO_DIRS[@]+"${!TODO_DIRS[@]}"}; do
+  [[ "$CHECKED" == *" ${TODO_MODELS[$i]}|${TODO_OPTIMS[$i]} "* ]] && continue
+  if ! check=$("$PYTHON" train.py --check_only --model "${TODO_MODELS[$i]}" --optim "${TODO_OPTIMS[$i]}" \
+                ${COMMON_FLAGS[@]+"${COMMON_FLAGS[@]}"} ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} 2>&1 > /dev/null); then
+    grep "^error: " <<< "$check" >&2 || echo "$check" >&2  # its one line (a crash: all it said)
+    exit 2
+  fi
+  CHECKED+="${TODO_MODELS[$i]}|${TODO_OPTIMS[$i]} "
 done
 # Each run trains in a worker, a process group of its own (set -m), so that Ctrl-C or a TERM (a batch system's time
 # limit, `kill`) reaches the trainings through stop_runs alone: train.py then saves a checkpoint at the end of its step

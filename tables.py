@@ -76,17 +76,20 @@ def has_thesis_columns(dl19_columns, dev_columns):
     return set(THESIS_DL19_COLUMNS) <= set(dl19_columns) and "MRR@10" in dev_columns
 
 
-def thesis_table(metrics, columns, marks, dev):
-    """The thesis's layout: NDCG@10, MAP, R-Prec, P@10 on DL19 and MRR@10 on a dev set, for systems in both."""
+def thesis_layout(rows, dev):
+    """The thesis's layout (Table 5.1), evaluate.py's and report.py's: NDCG@10, MAP, R-Prec, P@10 on DL19 and MRR@10 on
+    a dev set. `rows`: {row label: text(spec, column) of its cells}."""
     header = ["System"] + [f"{c} (DL19)" for c in THESIS_DL19_COLUMNS] + [f"MRR@10 ({dev})"]
-    rows = [
-        [system]
-        + [cell(values, columns["dl19"][c], marks["dl19"]) for c in THESIS_DL19_COLUMNS]
-        + [cell(metrics[dev][system], columns[dev]["MRR@10"], marks[dev])]
-        for system, values in metrics["dl19"].items()
-        if system in metrics[dev]
-    ]
-    return markdown_table(header, rows)
+    body = [[label, *(text("dl19", c) for c in THESIS_DL19_COLUMNS), text(dev, "MRR@10")]
+            for label, text in rows.items()]  # fmt: skip
+    return markdown_table(header, body)
+
+
+def thesis_table(metrics, columns, marks, dev):
+    """evaluate.py's thesis layout: a row per system in both data sets."""
+    systems = [system for system in metrics["dl19"] if system in metrics[dev]]
+    rows = {s: lambda spec, c, s=s: cell(metrics[spec][s], columns[spec][c], marks[spec]) for s in systems}
+    return thesis_layout(rows, dev)
 
 
 def legend(marks, n_systems):

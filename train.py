@@ -329,7 +329,7 @@ def main(argv=None):
     data = (script_args.train_data, script_args.max_train_pairs, script_args.negatives_per_query, group_size)
     if script_args.download_only or script_args.check_only:  # through the calls of 2 and 3, writing nothing
         with training_args.main_process_first(desc="download"):
-            (load_model if script_args.download_only else cross_encoder_parts)(preset.model_name_or_path)
+            (load_model if script_args.download_only else cross_encoder_parts)(preset.model_name_or_path, new_head=True)
             if script_args.train_data != MSMARCO_HUB:
                 load_examples(*data)
             elif script_args.download_only:  # not the pairs: their texts would take GBs of memory, on a login node too

@@ -1,10 +1,14 @@
-"""Fixtures shared by the test files: the packaged pretrained MiniLM, a tiny random BERT, and ../shared/data."""
+"""What the test files share: the packaged pretrained MiniLM, a tiny random BERT, ../shared/data, and trainers built as
+train.py builds them."""
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+import train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"  # ../shared/data, never copied into the repo
@@ -30,3 +34,30 @@ def tiny_bert(minilm, tmp_path_factory):
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def load_pairs(*args, **kwargs):
+    """train.load_examples' pairs, in their order."""
+    return [pair for example in train.load_examples(*args, **kwargs) for pair in example]
+
+def tiny_dataset(tokenizer, labels):
+    pairs = [(f"query {i}", f"passage number {i} about things", label) for i, label in enumerate(labels)]
+    return train.tokenize_pairs(pairs, tokenizer, 32)
+
+def make_trainer(model_path, tmp_path, argv=(), labels=(1.0, 0.0) * 8):
+    script_args, training_args, preset = train.parse_args(
+        ["--model", str(model_path), "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--eval_pairs", "0",
+         *argv]
+    )
+    model, tokenizer = train.load_model(preset.model_name_or_path)
+    return train.RerankerTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=tiny_dataset(tokenizer, labels),
+        processing_class=tokenizer,
+        data_collator=train.collate_pairs(tokenizer),
+    )
+
+# `accelerate launch` of two DDP processes on this CPU (gloo), as --multi_gpu would start them on two GPUs
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip

