@@ -40,9 +40,11 @@ def load_pairs(*args, **kwargs):
     """train.load_examples' pairs, in their order."""
     return [pair for example in train.load_examples(*args, **kwargs) for pair in example]
 
+
 def tiny_dataset(tokenizer, labels):
     pairs = [(f"query {i}", f"passage number {i} about things", label) for i, label in enumerate(labels)]
     return train.tokenize_pairs(pairs, tokenizer, 32)
+
 
 def make_trainer(model_path, tmp_path, argv=(), labels=(1.0, 0.0) * 8):
     script_args, training_args, preset = train.parse_args(
@@ -61,3 +63,34 @@ def make_trainer(model_path, tmp_path, argv=(), labels=(1.0, 0.0) * 8):
 # `accelerate launch` of two DDP processes on this CPU (gloo), as --multi_gpu would start them on two GPUs
 TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def resumes_to_the_unbroken_run(argv, tmp_path, checkpoint):
+    """train.main(argv) whole, and again resumed from a copy of its `checkpoint`: the last 4 logged losses and every
+    final weight must be the same (to the bit)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    train.main([*argv, "--output_dir", str(tmp_path / "full")])
+    shutil.copytree(tmp_path / "full" / checkpoint, tmp_path / "resumed" / checkpoint)
+    train.main([*argv, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "true"])
+
+    def losses(run):
+        history = json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
+        return [(e["step"], e["loss"]) for e in history if "loss" in e]
+
+    assert losses("resumed")[-4:] == losses("full")[-4:]
+    expected, actual = (load_file(tmp_path / run / "model.safetensors") for run in ("full", "resumed"))
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small batches on a busy 2-core machine run faster on one thread than on two that wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,6 +26,7 @@ def test_fast_dropout_drops_p_of_the_elements_in_every_16_bit_slot_and_keeps_the
     assert cpu_fast_path.fast_dropout(x, 0.1, training=False) is x and cpu_fast_path.fast_dropout(x, 0.0) is x
     assert cpu_fast_path.fast_dropout(torch.ones(8, dtype=torch.bfloat16), 0.5).dtype == torch.bfloat16
 
+
 def test_cpu_attention_with_nothing_dropped_equals_sdpa_with_its_padding_mask():
     torch.manual_seed(0)
     query, key, value = (torch.randn(2, 3, 5, 8) for _ in range(3))
@@ -41,6 +42,7 @@ def test_cpu_attention_with_nothing_dropped_equals_sdpa_with_its_padding_mask():
     torch.manual_seed(1)
     probs = (query @ key.transpose(2, 3) / math.sqrt(8)).masked_fill(~mask, -1e30).softmax(-1)
     assert torch.allclose(dropped, (cpu_fast_path.fast_dropout(probs, 0.5) @ value).transpose(1, 2), atol=1e-6)
+
 
 def test_the_cpu_trainer_takes_the_fast_path_unless_told_not_to_and_scores_the_same(minilm, tmp_path):
     fast = make_trainer(minilm, tmp_path)

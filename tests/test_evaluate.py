@@ -33,13 +33,7 @@ def needs_data(folder):
         pytest.skip(f"{DATA / folder} is absent")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small batches on a busy 2-core machine run faster on one thread than on two that wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: small batches run faster on one thread
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,12 @@ import json
 import re
 import shutil
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from conftest import DATA, REPO, needs_data
 from huggingface_hub import ModelCard
 from transformers import TrainerState
 
@@ -18,20 +18,11 @@ import evaluate  # the repo's evaluate.py (pytest.ini puts the repo first on the
 import model_card
 import train
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "msmarco-sample").is_dir(), reason="../shared/data not present")
 TRAIN, VALIDATION = f"{DATA}/msmarco-sample:train", f"{DATA}/msmarco-sample:test-graded"
 PACKAGED_MINILM_BASE = "nreimers/MiniLM-L6-H384-uncased"  # the `_name_or_path` of the packaged model's config.json
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small batches on a busy 2-core machine run faster on one thread than on two that wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: small batches run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,11 @@ listwise loss (lce) keeps each query's group in one batch, equals its hand compu
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader
-from conftest import DATA, needs_data
-from safetensors.torch import load_file
+from conftest import DATA, needs_data, resumes_to_the_unbroken_run
 from torch.utils.data import DataLoader
 from transformers.training_args import OptimizerNames
 
@@ -166,15 +164,4 @@ def test_a_stopped_lce_run_resumes_to_the_weights_of_an_unbroken_one(minilm, tmp
             "--negatives_per_query", "3", "--max_train_pairs", "48", "--max_steps", "6", "--warmup_steps", "1",
             "--max_length", "64", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2",
             "--report_to", "none"]  # fmt: skip
-    train.main([*argv, "--output_dir", str(tmp_path / "full")])
-    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    train.main([*argv, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "true"])
-
-    def losses(folder):
-        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
-        return [(e["step"], e["loss"]) for e in history if "loss" in e]
-
-    assert losses(tmp_path / "resumed")[-4:] == losses(tmp_path / "full")[-4:]
-    expected, actual = (load_file(tmp_path / run / "model.safetensors") for run in ("full", "resumed"))
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    resumes_to_the_unbroken_run(argv, tmp_path, "checkpoint-2")

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, REPO, TWO_PROCESSES, make_trainer, needs_data
+from conftest import DATA, REPO, TWO_PROCESSES, make_trainer, needs_data, resumes_to_the_unbroken_run
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
@@ -31,6 +30,7 @@ def wait_for_checkpoint(process, checkpoint):
         assert time.time() < deadline
         time.sleep(0.2)
 
+
 def stoppable_run(minilm, output_dir, *extra):
     """train.py and its flags for a 200-step run on data/demo, checkpointed every 5 steps, to be stopped by a signal."""
     return [str(REPO / "train.py"), "--model", minilm, "--optim", "adamw", "--train_data", f"{REPO}/data/demo:train",
@@ -38,7 +38,9 @@ def stoppable_run(minilm, output_dir, *extra):
             "--save_strategy", "steps", "--save_steps", "5", "--report_to", "none", "--disable_tqdm", "true",
             "--output_dir", str(output_dir), *extra]  # fmt: skip
 
+
 STOPPED_AT = r"stopped by SIGTERM at step (\d+) of 200, saved in "  # stoppable_run's stop line
+
 
 def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_their_checkpoint(minilm, tmp_path):
     """Under DDP the processes save a checkpoint together: a signal that reaches only one of them (here the second)
@@ -68,6 +70,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_the
     assert {"model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"} <= saved
     assert not (out / "model.safetensors").exists()
 
+
 def test_sigterm_to_the_whole_process_group_stops_a_run_with_data_loader_workers_after_its_checkpoint(
     minilm, tmp_path
 ):
@@ -96,6 +99,7 @@ def test_sigterm_to_the_whole_process_group_stops_a_run_with_data_loader_workers
     time.sleep(1)
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a data loader worker outlived its run"
 
+
 def live_processes_in_group(group):
     """The pids of the processes, zombies left out, whose process group is `group`."""
     pids = []
@@ -107,6 +111,7 @@ def live_processes_in_group(group):
         if int(process_group) == group and state != "Z":
             pids.append(int(stat.parent.name))
     return pids
+
 
 @pytest.mark.parametrize("start_method, processes", [("spawn", 3), ("forkserver", 4)])
 def test_sigterm_to_the_whole_process_group_while_spawned_workers_start_still_stops_after_a_checkpoint(
@@ -142,6 +147,7 @@ def test_sigterm_to_the_whole_process_group_while_spawned_workers_start_still_st
     assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
     assert not outlived, "a worker, the resource tracker or the fork server outlived the run"
 
+
 @pytest.mark.parametrize("stop_after, for_resuming_only", [(2, True), (4, False)])
 def test_a_stop_inside_an_epoch_saves_a_checkpoint_removed_when_the_run_finishes_and_one_at_its_end_is_kept(
     minilm, tmp_path, stop_after, for_resuming_only
@@ -168,10 +174,12 @@ def test_a_stop_inside_an_epoch_saves_a_checkpoint_removed_when_the_run_finishes
     assert [path.name for path in (tmp_path / "out").iterdir() if "checkpoint" in path.name] == (
         [] if for_resuming_only else ["checkpoint-4"])  # fmt: skip
 
+
 def test_a_nan_loss_stops_training_with_a_clear_error(minilm, tmp_path):
     trainer = make_trainer(minilm, tmp_path, ["--max_steps", "2", "--save_strategy", "no"], labels=[float("nan")] * 4)
     with pytest.raises(stop_and_resume.NonFiniteLossError, match="loss became nan at step 1"):
         trainer.train()
+
 
 def test_an_infinite_loss_stops_training_like_a_nan_one_with_its_value_in_the_message(minilm, tmp_path, monkeypatch):
     """An inf loss has inf gradients that would step the weights to nan: it stops the run at once, as nan does."""
@@ -182,6 +190,7 @@ def test_an_infinite_loss_stops_training_like_a_nan_one_with_its_value_in_the_me
     with pytest.raises(stop_and_resume.NonFiniteLossError, match="loss became inf at step 1"):
         trainer.train()
     assert trainer.state.global_step == 0
+
 
 def test_a_nan_loss_exits_1_with_one_error_line_and_keeps_earlier_checkpoints(minilm, tmp_path, monkeypatch, capsys):
     (tmp_path / "triples.tsv").write_text("".join(f"query {i}\tpassage {i}\tother passage {i}\n" for i in range(40)))
@@ -202,6 +211,7 @@ def test_a_nan_loss_exits_1_with_one_error_line_and_keeps_earlier_checkpoints(mi
     assert exit_info.value.code == 1 and len(errors) == 1 and "loss became nan at step 3" in errors[0]
     assert (out / "checkpoint-2" / "model.safetensors").is_file() and not (out / "model.safetensors").exists()
 
+
 def train_command(minilm, output_dir, *extra):
     return [
         sys.executable, str(REPO / "train.py"), "--model", minilm, "--optim", "lion",
@@ -209,6 +219,7 @@ def train_command(minilm, output_dir, *extra):
         "--warmup_steps", "3", "--max_length", "128", "--save_strategy", "steps", "--save_steps", "10",
         "--logging_steps", "5", "--seed", "7", "--report_to", "none", "--output_dir", str(output_dir), *extra,
     ]  # fmt: skip
+
 
 def start_and_signal_after_checkpoint_10(command, output_dir, signum, env):
     """Run `command`, send it `signum` half a second after it saved checkpoint-10 -> (exit code, stderr)."""
@@ -221,6 +232,7 @@ def start_and_signal_after_checkpoint_10(command, output_dir, signum, env):
         process.wait()
     assert not (output_dir / "model.safetensors").exists(), "the run finished before the signal"
     return process.returncode, stderr.read_text()
+
 
 @needs_data
 def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill_or_sigterm(minilm, tmp_path):
@@ -278,6 +290,7 @@ def test_cli_trains_30_steps_and_resumes_exactly_after_sigkill_or_sigterm(minilm
     logits = torch.tensor([run[q][d] for q, d in keys])  # rerank's scores are logits; CrossEncoder's their sigmoid
     assert torch.sigmoid(logits).tolist() == pytest.approx(predicted.tolist(), abs=1e-5)
 
+
 def test_the_sampler_learns_its_epoch_through_the_wrappers_of_several_processes_and_a_resume(minilm, tmp_path):
     from accelerate.data_loader import prepare_data_loader, skip_first_batches
     from torch.utils.data import DataLoader
@@ -299,7 +312,9 @@ def test_the_sampler_learns_its_epoch_through_the_wrappers_of_several_processes_
     expected = run_epoch(loader(), 2.0)
     assert run_epoch(loader(), 2 + 3 / 8, skip=3) == expected[3:]  # killed after 3 batches of the third epoch
     assert run_epoch(loader(), 1.0) != expected  # another epoch, another order
-    assert len([c for c in trainer.callback_handler.callbacks if isinstance(c, stop_and_resume.SamplerEpochCallback)]) == 1
+    callbacks = trainer.callback_handler.callbacks
+    assert len([c for c in callbacks if isinstance(c, stop_and_resume.SamplerEpochCallback)]) == 1
+
 
 @needs_data
 def test_resuming_inside_a_later_epoch_trains_the_same_pairs_in_the_same_order(minilm, tmp_path):
@@ -310,19 +325,8 @@ def test_resuming_inside_a_later_epoch_trains_the_same_pairs_in_the_same_order(m
             "--negatives_per_query", "1", "--max_train_pairs", "48", "--max_steps", "8", "--warmup_steps", "2",
             "--max_length", "64", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "4",
             "--report_to", "none"]  # fmt: skip
-    train.main([*argv, "--output_dir", str(tmp_path / "full")])
-    shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
-    train.main([*argv, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "true"])
+    resumes_to_the_unbroken_run(argv, tmp_path, "checkpoint-4")
 
-    def losses(folder):
-        return [(e["step"], e["loss"]) for e in json.loads((folder / "trainer_state.json").read_text())["log_history"]
-                if "loss" in e]  # fmt: skip
-
-    assert losses(tmp_path / "resumed")[-4:] == losses(tmp_path / "full")[-4:]
-    expected = load_file(tmp_path / "full" / "model.safetensors")
-    actual = load_file(tmp_path / "resumed" / "model.safetensors")
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
 
 def test_a_folder_without_a_checkpoint_is_not_offered_for_resuming(tmp_path):
     (tmp_path / "out").mkdir()
@@ -331,6 +335,7 @@ def test_a_folder_without_a_checkpoint_is_not_offered_for_resuming(tmp_path):
     with pytest.raises(InputError, match="no checkpoint to resume from; pass --overwrite_output_dir"):
         stop_and_resume.prepare_output_dir(script_args, training_args)
     assert (tmp_path / "out" / "run_config.json").exists()
+
 
 def test_a_non_empty_output_dir_is_not_overwritten_unless_asked(minilm, tmp_path):
     (tmp_path / "out").mkdir()
@@ -349,6 +354,7 @@ def test_a_non_empty_output_dir_is_not_overwritten_unless_asked(minilm, tmp_path
     script_args, training_args, _ = train.parse_args(["--output_dir", str(tmp_path / "out"), "--overwrite_output_dir"])
     stop_and_resume.prepare_output_dir(script_args, training_args)
     assert not (tmp_path / "out").exists()
+
 
 @needs_data
 def test_report_to_wandb_without_an_account_logs_offline_and_a_resume_continues_the_same_run(minilm, tmp_path):
