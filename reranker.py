@@ -340,13 +340,14 @@ def _line_of(path, *tokens):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The model: a one-logit sequence classifier on the backbone's [CLS] token (thesis section 4), loaded one way for
-# training (a new head) and for scoring (every weight from the folder).
+# The model: a one-logit sequence classifier on the backbone's [CLS] token (thesis section 4; ModernBERT pools as its
+# config says), loaded one way for training (a new head) and for scoring (every weight from the folder).
 
 
-def cross_encoder_parts(name_or_path, new_head=False):
+def cross_encoder_parts(name_or_path, new_head=False, classifier_pooling=None):
     """-> (tokenizer, config) of a model, checked before any weight loads: to score, it must be a one-logit
-    ...ForSequenceClassification saved with its tokenizer, as train.py saves it."""
+    ...ForSequenceClassification saved with its tokenizer, as train.py saves it. classifier_pooling (cls, mean)
+    overrides the pooling of models with that setting (ModernBERT); else each pools as its config says."""
     path = Path(name_or_path)
     if not path.exists() and path.parent != Path(".") and path.parent.is_dir():
         raise InputError(f"{name_or_path}: no such folder")  # rather than a hub id: runs/minilm, not org/name
@@ -366,15 +367,18 @@ def cross_encoder_parts(name_or_path, new_head=False):
             f"{name_or_path}: not a cross-encoder ({', '.join(architectures) or 'no architecture'} with "
             f"{config.num_labels} labels; expected a ...ForSequenceClassification with 1 label, as train.py saves)"
         )
-    if new_head and config.model_type == "modernbert":
-        config.classifier_pooling = "cls"
+    if classifier_pooling and not hasattr(config, "classifier_pooling"):
+        raise InputError(f"--classifier_pooling {classifier_pooling}: {name_or_path} ({config.model_type}) has no such "
+                         "setting; only models that have it (ModernBERT) take it")  # fmt: skip
+    if classifier_pooling:
+        config.classifier_pooling = classifier_pooling
     return tokenizer, config
 
 
-def load_cross_encoder(name_or_path, new_head=False, parts=None):
+def load_cross_encoder(name_or_path, new_head=False, parts=None, classifier_pooling=None):
     """-> (model, tokenizer). new_head: a backbone with a fresh head, to train; else a cross-encoder whose every weight
     is in the folder, to score. `parts`: cross_encoder_parts' result, if checked already."""
-    tokenizer, config = parts or cross_encoder_parts(name_or_path, new_head)
+    tokenizer, config = parts or cross_encoder_parts(name_or_path, new_head, classifier_pooling)
     try:
         with quiet_downloads():
             model, loading = AutoModelForSequenceClassification.from_pretrained(
