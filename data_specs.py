@@ -109,9 +109,11 @@ def load_msmarco_v11(top_k):
     except OSError as error:  # offline: ConnectionError; unknown name: DatasetNotFoundError
         raise InputError(f"{MSMARCO_V11}: cannot load microsoft/ms_marco v1.1: {one_line(error)}") from None
     queries, qrels, run, corpus = {}, {}, {}, {}
-    for row in rows:
+    for row_number, row in enumerate(rows):
         passages = row["passages"]
         query_id = str(row["query_id"])
+        if query_id in queries:  # keyed by query_id: a second row would merge into the first unseen
+            raise InputError(f"{MSMARCO_V11}: query_id {query_id} appears a second time (validation row {row_number})")
         queries[query_id] = row["query"]
         for i, (text, selected) in enumerate(zip(passages["passage_text"], passages["is_selected"])):
             doc_id = f"{query_id}-{i}"

@@ -605,8 +605,8 @@ def test_check_only_takes_a_backbone_to_train_a_new_head_on(minilm, capsys):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--classifier_pooling", "mean"], r"--classifier_pooling mean: .*model \(bert\) has no such setting; only models "
-                                        r"that have it \(ModernBERT\) take it"),
+    [(["--classifier_pooling", "mean"],
+      r"--classifier_pooling mean: .*model \(bert\) has no such setting; only models that have it \(ModernBERT\)"),
      (["--classifier_pooling", "max"],
       r"argument --classifier_pooling/--classifier-pooling: invalid choice: 'max' \(choose from 'cls', 'mean'\)")],
 )  # fmt: skip
