@@ -95,6 +95,12 @@ def load_irds(spec, dataset_id, top_k, with_candidates, candidates=None):
                         raise InputError(f"{candidates}:{line_number}: document {doc_id} is not in {dataset_id}")
     except (OSError, RuntimeError) as error:  # ir_datasets raises RuntimeError when every download source fails
         raise InputError(f"{spec}: cannot load {dataset_id} with ir_datasets: {one_line(error)}") from None
+    except ValueError as error:  # ir_datasets.util.check_disk_free, before a download or a docstore (14.4 GB) build
+        if not str(error).startswith("Insufficient disk space"):
+            raise
+        where, skip = f"IR_DATASETS_HOME ({ir_datasets.util.home_path()})", "IR_DATASETS_SKIP_DISK_FREE=true"
+        raise InputError(f"{spec}: not enough disk space for {dataset_id} in {where}: {one_line(error)}; point "
+                         f"IR_DATASETS_HOME at a disk with that much free, or {skip} skips the check") from None
     return Split(queries, qrels, run, corpus, spec, ranked)
 
 

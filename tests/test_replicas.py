@@ -5,12 +5,19 @@ unchanged code: `datasets` finds a hub id's replica as a local folder of that na
 documented rule: a local directory shadows the hub id), the offline cache stays in a temporary HF_DATASETS_CACHE.
 """
 
+import gzip
+import json
+import os
+import subprocess
+import sys
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import data_specs
 import reranker
+from conftest import REPO
 from reranker import InputError
 
 
@@ -102,3 +109,81 @@ def test_msmarco_v11_rows_sharing_a_query_id_are_refused_naming_it(hub_replicas)
     ms_marco_v11_replica(hub_replicas, [(5, "a", [("p0", 1)]), (7, "b", [("p1", 1)]), (5, "c", [("p2", 0)])])
     with pytest.raises(InputError, match=r"^msmarco-v1.1-val: query_id 5 appears a second time \(validation row 2\)$"):
         data_specs.load_data("msmarco-v1.1-val", top_k=10)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ir_datasets' own cache under IR_DATASETS_HOME, as ir_datasets 0.6.3 lays it out for msmarco-passage
+# (ir_datasets/datasets/msmarco_passage.py, _init: the Cache(...) paths; etc/downloads.json: each download's
+# cache_path). A file in place is used as it is; what is missing would be downloaded. ir_datasets fixes these paths
+# when it is imported, so each run is a process of its own.
+
+MSMARCO_PASSAGE_FILES = {
+    "irds_version.txt": "v2",  # the collection's encoding migration, done
+    "collection.tsv": "0\tcats purr\n1\tdogs bark\n2\tbirds sing\n3\tfish swim\n",  # pid, passage
+    # trec-dl-2019: qrels (TREC), queries (qid, text), the official top-1000 as ExtractQidPid leaves it (qid, pid)
+    "trec-dl-2019/qrels": "19a Q0 0 3\n19a Q0 1 0\n",
+    "trec-dl-2019/queries.tsv": "19a\twhat purrs\n19x\tnot judged\n",
+    "trec-dl-2019/ms.run": "19a\t1\n19a\t0\n19a\t2\n19x\t3\n",
+    "trec-dl-2020/qrels": "20a Q0 3 2\n",
+    "trec-dl-2020/queries.tsv.gz": "20a\twhat swims\n",  # read from the download itself (gzip)
+    "trec-dl-2020/ms.run": "20a\t3\n20a\t2\n",
+    "dev/small/queries.tsv": "5\twhat barks\n",
+    "dev/small/qrels": "5\t0\t1\t1\n",  # qrels.dev.small.tsv
+    "dev/ms.run": "5\t0\n5\t1\n",  # the whole dev top-1000; dev/small keeps its queries'
+}
+
+
+def msmarco_passage_replica(home):
+    for name, text in MSMARCO_PASSAGE_FILES.items():
+        path = home / "msmarco-passage" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    return home
+
+
+def run_python(code, home):
+    env = {**os.environ, "IR_DATASETS_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120)  # fmt: skip
+
+
+def test_dl19_dl20_and_dev_small_load_from_ir_datasets_own_cache_layout(tmp_path):
+    home = msmarco_passage_replica(tmp_path / "irds")
+    code = """import json, data_specs
+splits = {spec: data_specs.load_data(spec, top_k=10) for spec in ("dl19", "dl20", "dev-small")}
+print(json.dumps({spec: [s.queries, s.qrels, s.run, s.corpus] for spec, s in splits.items()}))"""
+    result = run_python(code, home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    splits = json.loads(result.stdout.splitlines()[-1])
+    # judged queries only; every candidate scores 0 (the official top-1000 ranks nothing); texts from the docstore
+    assert splits["dl19"] == [{"19a": "what purrs"}, {"19a": {"0": 3, "1": 0}}, {"19a": {"1": 0.0, "0": 0.0, "2": 0.0}},
+                              {"0": "cats purr", "1": "dogs bark", "2": "birds sing"}]  # fmt: skip
+    assert splits["dl20"] == [{"20a": "what swims"}, {"20a": {"3": 2}}, {"20a": {"3": 0.0, "2": 0.0}},
+                              {"2": "birds sing", "3": "fish swim"}]  # fmt: skip
+    assert splits["dev-small"] == [{"5": "what barks"}, {"5": {"1": 1}}, {"5": {"0": 0.0, "1": 0.0}},
+                                   {"0": "cats purr", "1": "dogs bark"}]  # fmt: skip
+
+
+def test_too_little_disk_for_the_docstore_is_one_line_naming_the_space_the_place_and_the_skip(tmp_path):
+    """ir_datasets' own check (util.check_disk_free: 14.4 GB for the passage docstore) on a disk that reports 2 GB
+    free: shutil.disk_usage, which it calls, is the one thing replaced."""
+    home = msmarco_passage_replica(tmp_path / "irds")
+    code = f"""import runpy, shutil, sys
+shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 2 * 10**9, 2 * 10**9)
+sys.argv = ["evaluate.py", "--data", "dl19", "--download_only", "--output_dir", {str(tmp_path / "out")!r}]
+runpy.run_path("evaluate.py", run_name="__main__")"""
+    result = run_python(code, home)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: dl19: not enough disk space for msmarco-passage/trec-dl-2019/judged in IR_DATASETS_HOME ({home}): "
+        f"Insufficient disk space: {home}/msmarco-passage/collection.tsv.pklz4 requires 14.4GB but only 2.0GB is "
+        "available (12.4GB more needed); point IR_DATASETS_HOME at a disk with that much free, or "
+        "IR_DATASETS_SKIP_DISK_FREE=true skips the check"
+    ], result.stderr[-3000:]
+
+    skip = code.replace("import runpy", "import os; os.environ['IR_DATASETS_SKIP_DISK_FREE'] = 'true'; import runpy")
+    result = run_python(skip, home)  # as the line says: the check skipped, the docstore built
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (home / "msmarco-passage" / "collection.tsv.pklz4").is_dir()
