@@ -41,6 +41,7 @@ IRDS_NAMES = {
     "dev-small": "msmarco-passage/dev/small",
 }
 MSMARCO_V11 = "msmarco-v1.1-val"
+MSMARCO_V11_HUB = "microsoft/ms_marco"
 
 
 def load_data(spec, top_k, with_candidates=True, candidates=None):
@@ -53,7 +54,7 @@ def load_data(spec, top_k, with_candidates=True, candidates=None):
     if candidates:
         raise InputError(f"--candidates {spec}=...: only for ir_datasets data (a DIR:SPLIT has DIR/run.SPLIT.trec)")
     if spec == MSMARCO_V11:
-        with quiet_downloads():
+        with quiet_downloads(hub_id=MSMARCO_V11_HUB):
             return load_msmarco_v11(top_k)
     if ":" not in spec:
         raise InputError(f"{spec}: unknown data, expected DIR:SPLIT, dl19, dl20, dev-small, irds:<id> or {MSMARCO_V11}")
@@ -111,7 +112,7 @@ def load_msmarco_v11(top_k):
     its MRR@10 over all 10,047 (MS MARCO's official evaluation would leave those queries out).
     """
     try:
-        rows = datasets.load_dataset("microsoft/ms_marco", "v1.1", split="validation")
+        rows = datasets.load_dataset(MSMARCO_V11_HUB, "v1.1", split="validation")
     except OSError as error:  # offline: ConnectionError; unknown name: DatasetNotFoundError
         raise InputError(f"{MSMARCO_V11}: cannot load microsoft/ms_marco v1.1: {one_line(error)}") from None
     queries, qrels, run, corpus = {}, {}, {}, {}
@@ -143,7 +144,7 @@ def data_folder(spec):
 def hub_datasets():
     """sentence-transformers/msmarco's configs triplets (of ids), corpus and queries, memory-mapped once cached."""
     try:
-        with quiet_downloads():
+        with quiet_downloads(hub_id=MSMARCO_HUB):
             return [datasets.load_dataset(MSMARCO_HUB, name, split="train") for name in ("triplets", "corpus",
                                                                                            "queries")]  # fmt: skip
     except OSError as error:  # offline: ConnectionError
