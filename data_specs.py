@@ -15,9 +15,11 @@ import re
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import ir_datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from reranker import (
     InputError,
@@ -141,20 +143,52 @@ def data_folder(spec):
 # Training data from the hub: sentence-transformers/msmarco, the thesis code's.
 
 
-def hub_datasets():
-    """sentence-transformers/msmarco's configs triplets (of ids), corpus and queries, memory-mapped once cached."""
+def hub_datasets(max_pairs=None):
+    """The first max_pairs / 2 triplets (ids) of sentence-transformers/msmarco, from only the shards that hold them,
+    and its corpus and queries, memory-mapped (the datasets cache). Offline: what an earlier run fetched."""
+    rows = math.ceil((max_pairs or HUB_TRAIN_PAIRS) / 2)
     try:
         with quiet_downloads(hub_id=MSMARCO_HUB):
-            return [datasets.load_dataset(MSMARCO_HUB, name, split="train") for name in ("triplets", "corpus",
-                                                                                           "queries")]  # fmt: skip
-    except OSError as error:  # offline: ConnectionError
+            triplets = first_rows(hub_files("triplets", rows), rows)
+            return [triplets] + [datasets.load_dataset("parquet", data_files=hub_files(name), split="train")
+                                 for name in ("corpus", "queries")]  # fmt: skip
+    except OSError as error:  # offline and not cached: OfflineModeIsEnabled, LocalEntryNotFoundError
         raise InputError(f"{MSMARCO_HUB}: cannot load it from the hub: {one_line(error)}") from None
+
+
+def hub_files(config, rows=None):
+    """Local copies (the hub cache) of sentence-transformers/msmarco's CONFIG/*.parquet, in the order datasets reads
+    a config's files (by name); with rows, only the first files that hold that many rows."""
+    try:
+        names = huggingface_hub.list_repo_files(MSMARCO_HUB, repo_type="dataset")
+    except ConnectionError:  # offline mode: the files of the cached snapshot
+        folder = Path(huggingface_hub.snapshot_download(MSMARCO_HUB, repo_type="dataset", local_files_only=True))
+        names = [path.relative_to(folder).as_posix() for path in folder.glob(f"{config}/*")]
+    paths, held = [], 0
+    for name in sorted(name for name in names if name.startswith(f"{config}/") and name.endswith(".parquet")):
+        if rows is not None and held >= rows:
+            break
+        paths.append(huggingface_hub.hf_hub_download(MSMARCO_HUB, name, repo_type="dataset"))
+        held += pq.ParquetFile(paths[-1]).metadata.num_rows
+    if not paths:
+        raise InputError(f"{MSMARCO_HUB}: no {config}/*.parquet in it (offline: not fetched yet)")
+    return paths
+
+
+def first_rows(paths, rows):
+    """The first `rows` rows of Parquet files read one after the other, as an Arrow table; no more is read."""
+    batches = []
+    for path in paths:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16):
+            batches.append(batch)
+            if sum(len(b) for b in batches) >= rows:
+                return pa.Table.from_batches(batches).slice(0, rows)
+    return pa.Table.from_batches(batches)
 
 
 def queries_from_hub(max_pairs):
     """The first max_pairs / 2 triplets of the hub data, with their texts."""
-    triplets, corpus, queries = hub_datasets()
-    first = triplets.with_format("arrow")[: math.ceil(max_pairs / 2)]
+    first, corpus, queries = hub_datasets(max_pairs)
     query_ids, positive_ids, negative_ids = (first[c].to_pylist() for c in ("query_id", "positive_id", "negative_id"))
     passage = texts_by_id(corpus, "passage_id", "passage", positive_ids + negative_ids)
     query = texts_by_id(queries, "query_id", "query", query_ids)

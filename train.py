@@ -332,7 +332,7 @@ def main(argv=None):
             if script_args.train_data != MSMARCO_HUB:
                 load_examples(*data)
             elif script_args.download_only:  # not the pairs: their texts would take GBs of memory, on a login node too
-                hub_datasets()
+                hub_datasets(script_args.max_train_pairs)
             if script_args.eval_data:
                 load_data(script_args.eval_data, script_args.eval_top_k)
         logger.info("%s %s and %s", "Cached" if script_args.download_only else "Checked", preset.model_name_or_path,

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -187,3 +188,26 @@ runpy.run_path("evaluate.py", run_name="__main__")"""
     result = run_python(skip, home)  # as the line says: the check skipped, the docstore built
     assert result.returncode == 0, result.stderr[-3000:]
     assert (home / "msmarco-passage" / "collection.tsv.pklz4").is_dir()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sentence-transformers/msmarco in the hub cache (conftest.msmarco_hub_cache): the training pairs.
+
+
+def test_hub_pairs_are_the_first_triplets_read_from_only_the_files_that_hold_them(msmarco_hub_cache):
+    """By default the thesis code's first 1 M triplets (2 M pairs), not all ~398 M: here 5 triplets (10 pairs) of 12,
+    in 3 files of 4. Only the first 2 files are read, and the pairs are those (and in the order) of the whole
+    config as datasets loads it."""
+    import train
+
+    pairs = [pair for example in train.load_examples(train.MSMARCO_HUB, max_pairs=10) for pair in example]
+
+    assert pairs == [(f"Q{i}", text, label) for i in range(1, 6) for text, label in ((f"P{i}", 1.0), (f"N{i}", 0.0))]
+    files = [Path(path).name for path in data_specs.hub_files("triplets", rows=5)]
+    assert files == ["train-00000-of-00003.parquet", "train-00001-of-00003.parquet"]
+    whole = data_specs.datasets.load_dataset(str(msmarco_hub_cache), "triplets", split="train")  # what train.py read
+    assert whole["query_id"][:5] == [f"q{i}" for i in range(1, 6)]
+    # the corpus stays in datasets' memory-mapped cache: only the passages asked for become Python strings
+    _, corpus, _ = data_specs.hub_datasets(max_pairs=2)
+    assert corpus.cache_files and data_specs.texts_by_id(corpus, "passage_id", "passage", ["p2", "n1", "p2"]) == {
+        "p2": "P2", "n1": "N1"}  # fmt: skip

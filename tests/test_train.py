@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
 import ir_measures
 import pytest
 import torch
@@ -796,51 +795,24 @@ def test_training_pairs_label_positives_1_and_take_the_best_ranked_unjudged_or_n
     assert load_pairs(spec, max_pairs=2) == [(query, "passage 3", 1.0), (query, "passage 2", 0.0)]
 
 
-@pytest.mark.parametrize("id_type", [str, int])
-def test_hub_pairs_are_the_thesis_codes_first_triplets_with_their_texts(monkeypatch, id_type):
-    """sentence-transformers/msmarco (ids only in its triplets): by default the thesis code's first 1 M triplets, as
-    2 M pairs, not all ~400 M. Here the hub is three small datasets and the default is scaled down to 4 pairs."""
-    ids = {name: id_type(i) for i, name in enumerate(["7", "8", "9", "p1", "p2", "p3", "n1", "n2", "n3", "p0"], 1)}
-    passages = ["p0", "p1", "p2", "p3", "n1", "n2", "n3"]
-    hub = {
-        "triplets": datasets.Dataset.from_dict({"query_id": [ids["7"], ids["8"], ids["9"]],
-                                                "positive_id": [ids["p1"], ids["p2"], ids["p3"]],
-                                                "negative_id": [ids["n1"], ids["n2"], ids["n3"]]}),
-        "corpus": datasets.Dataset.from_dict({"passage_id": [ids[p] for p in passages],
-                                              "passage": [p.upper() for p in passages]}),
-        "queries": datasets.Dataset.from_dict({"query_id": [ids[q] for q in ["9", "8", "7"]],
-                                               "query": ["Q9", "Q8", "Q7"]}),
-    }  # fmt: skip
-    monkeypatch.setattr(train.datasets, "load_dataset", lambda name, config, split: hub[config])
-    monkeypatch.setattr(train, "HUB_TRAIN_PAIRS", 4)
-
-    assert load_pairs(train.MSMARCO_HUB) == [("Q7", "P1", 1.0), ("Q7", "N1", 0.0), ("Q8", "P2", 1.0),
-                                                   ("Q8", "N2", 0.0)]  # fmt: skip
-    assert len(load_pairs(train.MSMARCO_HUB, max_pairs=6)) == 6
-    # only the passages of the triplets taken become Python strings (the hub's corpus has 8.8 M)
-    wanted = [ids["p2"], ids["n1"], ids["p2"]]
-    assert data_specs.texts_by_id(hub["corpus"], "passage_id", "passage", wanted) == {ids["p2"]: "P2", ids["n1"]: "N1"}
-
-
-def test_download_only_fetches_the_model_and_the_hub_data_and_writes_nothing(minilm, tmp_path, monkeypatch):
+def test_download_only_fetches_the_model_and_the_hub_data_and_writes_nothing(minilm, tmp_path, monkeypatch,
+                                                                           msmarco_hub_cache):
     """--download_only (for GPU nodes without network): the model and the hub dataset's three configs go through the
-    calls training makes, so they are in the caches; the output folder, even a finished run's, is not touched."""
-    loaded = []
-    hub = {
-        "triplets": datasets.Dataset.from_dict({"query_id": ["7"], "positive_id": ["p1"], "negative_id": ["n1"]}),
-        "corpus": datasets.Dataset.from_dict({"passage_id": ["p1", "n1"], "passage": ["P1", "N1"]}),
-        "queries": datasets.Dataset.from_dict({"query_id": ["7"], "query": ["Q7"]}),
-    }
-    monkeypatch.setattr(data_specs.datasets, "load_dataset", lambda _, config, split: loaded.append(config) or hub[config])
+    calls training makes, so they are in the caches (here the hub cache already holds them: offline, it must find
+    them there); for the triplets only the files that hold the pairs asked for; the output folder, even a finished
+    run's, is not touched."""
+    fetched, hub_files = [], data_specs.hub_files
+    monkeypatch.setattr(data_specs, "hub_files", lambda config, rows=None: fetched.append((config, rows)) or
+                        hub_files(config, rows))  # fmt: skip
     models, load_model = [], train.load_model
     monkeypatch.setattr(train, "load_model", lambda name, **kw: models.append(name) or load_model(name, **kw))
     finished = tmp_path / "run"
     finished.mkdir()
     (finished / "model.safetensors").write_text("a finished run")
 
-    train.main(["--model", minilm, "--download_only", "--output_dir", str(finished)])
+    train.main(["--model", minilm, "--download_only", "--max_train_pairs", "6", "--output_dir", str(finished)])
 
-    assert sorted(loaded) == ["corpus", "queries", "triplets"] and models == [minilm]
+    assert fetched == [("triplets", 3), ("corpus", None), ("queries", None)] and models == [minilm]
     assert [p.name for p in finished.iterdir()] == ["model.safetensors"]
 
 
