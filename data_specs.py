@@ -10,6 +10,7 @@ A new kind of data: one branch in load_data. train.py's training data also comes
 (queries_from_hub).
 """
 
+import fnmatch
 import math
 import re
 from pathlib import Path
@@ -157,21 +158,30 @@ def hub_datasets(max_pairs=None):
 
 
 def hub_files(config, rows=None):
-    """Local copies (the hub cache) of sentence-transformers/msmarco's CONFIG/*.parquet, in the order datasets reads
-    a config's files (by name); with rows, only the first files that hold that many rows."""
+    """Local copies (the hub cache) of the train files of sentence-transformers/msmarco's CONFIG, as its card's
+    `configs` name them, in the order datasets reads them (by name); with rows, only the first that hold that many."""
+    readme = Path(huggingface_hub.hf_hub_download(MSMARCO_HUB, "README.md", repo_type="dataset"))
+    snapshot = readme.parent  # snapshots/COMMIT: every file below comes from that commit
+    configs = {entry["config_name"]: entry for entry in huggingface_hub.DatasetCard.load(readme).data.configs or []}
+    data_files = configs.get(config, {}).get("data_files", f"{config}/*")
+    patterns = []
+    for entry in [data_files] if isinstance(data_files, str) else data_files:  # the card's forms of data_files
+        if isinstance(entry, str):
+            patterns.append(entry)
+        elif entry.get("split", "train") == "train":
+            patterns += [entry["path"]] if isinstance(entry["path"], str) else entry["path"]
     try:
-        names = huggingface_hub.list_repo_files(MSMARCO_HUB, repo_type="dataset")
+        names = huggingface_hub.list_repo_files(MSMARCO_HUB, repo_type="dataset", revision=snapshot.name)
     except ConnectionError:  # offline mode: the files of the cached snapshot
-        folder = Path(huggingface_hub.snapshot_download(MSMARCO_HUB, repo_type="dataset", local_files_only=True))
-        names = [path.relative_to(folder).as_posix() for path in folder.glob(f"{config}/*")]
+        names = [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()]
     paths, held = [], 0
-    for name in sorted(name for name in names if name.startswith(f"{config}/") and name.endswith(".parquet")):
+    for name in sorted(name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)):
         if rows is not None and held >= rows:
             break
-        paths.append(huggingface_hub.hf_hub_download(MSMARCO_HUB, name, repo_type="dataset"))
+        paths.append(huggingface_hub.hf_hub_download(MSMARCO_HUB, name, repo_type="dataset", revision=snapshot.name))
         held += pq.ParquetFile(paths[-1]).metadata.num_rows
     if not paths:
-        raise InputError(f"{MSMARCO_HUB}: no {config}/*.parquet in it (offline: not fetched yet)")
+        raise InputError(f"{MSMARCO_HUB}: no files of its {config} config ({', '.join(patterns)}) in the hub cache")
     return paths
 
 

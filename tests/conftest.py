@@ -83,6 +83,8 @@ def msmarco_hub_cache(tmp_path, monkeypatch):
         (snapshot / config).mkdir()
         for k, table in enumerate(parts):
             pq.write_table(table, snapshot / config / f"train-{k:05d}-of-{len(parts):05d}.parquet")
+    (snapshot / "triplets-hard").mkdir()  # another config's files, which sort first: the card tells them apart
+    pq.write_table(tables["triplets"][2], snapshot / "triplets-hard" / "train-00000-of-00001.parquet")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
