@@ -181,7 +181,7 @@ def hub_files(config, rows=None):
         paths.append(huggingface_hub.hf_hub_download(MSMARCO_HUB, name, repo_type="dataset", revision=snapshot.name))
         held += pq.ParquetFile(paths[-1]).metadata.num_rows
     if not paths:
-        raise InputError(f"{MSMARCO_HUB}: no files of its {config} config ({', '.join(patterns)}) in the hub cache")
+        raise InputError(f"{MSMARCO_HUB}: no files of its {config} config ({', '.join(patterns)}) found")
     return paths
 
 
