@@ -1,8 +1,13 @@
 """The hub and ir_datasets loaders on tiny local replicas of the published data, through the real libraries.
 
-Each replica has the published layout and schema (the source is named at each builder) and is loaded by the project's
-unchanged code: `datasets` finds a hub id's replica as a local folder of that name under the working directory (its
-documented rule: a local directory shadows the hub id), the offline cache stays in a temporary HF_DATASETS_CACHE.
+Each replica has the published layout and schema (its source is named where it is built) and is loaded by the
+project's unchanged code, offline:
+- microsoft/ms_marco: datasets.load_dataset(hub id) offline reads only datasets' own Arrow cache, so the replica is a
+  local folder of the hub id's name under the working directory (datasets' documented rule: a local directory
+  shadows the hub id), the cache a temporary HF_DATASETS_CACHE;
+- sentence-transformers/msmarco: train.py fetches its files through the hub cache, so the replica is that cache
+  (conftest.msmarco_hub_cache);
+- the ir_datasets ids: ir_datasets' own files under a temporary IR_DATASETS_HOME.
 """
 
 import gzip
