@@ -103,8 +103,10 @@ def load_irds(spec, dataset_id, top_k, with_candidates, candidates=None):
         if not str(error).startswith("Insufficient disk space"):
             raise
         where, skip = f"IR_DATASETS_HOME ({ir_datasets.util.home_path()})", "IR_DATASETS_SKIP_DISK_FREE=true"
-        raise InputError(f"{spec}: not enough disk space for {dataset_id} in {where}: {one_line(error)}; point "
-                         f"IR_DATASETS_HOME at a disk with that much free, or {skip} skips the check") from None
+        raise InputError(
+            f"{spec}: not enough disk space for {dataset_id} in {where}: {one_line(error)}; point "
+            f"IR_DATASETS_HOME at a disk with that much free, or {skip} skips the check"
+        ) from None
     return Split(queries, qrels, run, corpus, spec, ranked)
 
 

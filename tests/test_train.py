@@ -795,8 +795,9 @@ def test_training_pairs_label_positives_1_and_take_the_best_ranked_unjudged_or_n
     assert load_pairs(spec, max_pairs=2) == [(query, "passage 3", 1.0), (query, "passage 2", 0.0)]
 
 
-def test_download_only_fetches_the_model_and_the_hub_data_and_writes_nothing(minilm, tmp_path, monkeypatch,
-                                                                           msmarco_hub_cache):
+def test_download_only_fetches_the_model_and_the_hub_data_and_writes_nothing(
+    minilm, tmp_path, monkeypatch, msmarco_hub_cache
+):
     """--download_only (for GPU nodes without network): the model and the hub dataset's three configs go through the
     calls training makes, so they are in the caches (here the hub cache already holds them: offline, it must find
     them there); for the triplets only the files that hold the pairs asked for; the output folder, even a finished
