@@ -172,10 +172,11 @@ def hub_files(config, rows=None):
             patterns.append(entry)
         elif entry.get("split", "train") == "train":
             patterns += [entry["path"]] if isinstance(entry["path"], str) else entry["path"]
-    try:
-        names = huggingface_hub.list_repo_files(MSMARCO_HUB, repo_type="dataset", revision=snapshot.name)
-    except ConnectionError:  # offline mode: the files of the cached snapshot
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE  # the files of the cached snapshot, else of the commit
+    if offline:
         names = [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()]
+    else:
+        names = huggingface_hub.list_repo_files(MSMARCO_HUB, repo_type="dataset", revision=snapshot.name)
     paths, held = [], 0
     for name in sorted(name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)):
         if rows is not None and held >= rows:
@@ -184,6 +185,9 @@ def hub_files(config, rows=None):
         held += pq.ParquetFile(paths[-1]).metadata.num_rows
     if not paths:
         raise InputError(f"{MSMARCO_HUB}: no files of its {config} config ({', '.join(patterns)}) found")
+    if offline and rows is not None and held < rows:  # not a short config: fewer files fetched than this run needs
+        raise InputError(f"{MSMARCO_HUB}: {held:,} {config} rows in the hub cache, {rows:,} wanted; fetch them with "
+                         "network first (train.py --download_only with this run's --max_train_pairs)")  # fmt: skip
     return paths
 
 

@@ -216,3 +216,12 @@ def test_hub_pairs_are_the_first_triplets_read_from_only_the_files_that_hold_the
     _, corpus, _ = data_specs.hub_datasets(max_pairs=2)
     assert corpus.cache_files and data_specs.texts_by_id(corpus, "passage_id", "passage", ["p2", "n1", "p2"]) == {
         "p2": "P2", "n1": "N1"}  # fmt: skip
+
+
+def test_offline_a_run_wanting_more_triplets_than_were_fetched_is_refused_not_cut_short(msmarco_hub_cache):
+    (msmarco_hub_cache / "triplets" / "train-00002-of-00003.parquet").unlink()  # --download_only fetched 2 of 3 files
+    with pytest.raises(InputError, match=r"^sentence-transformers/msmarco: 8 triplets rows in the hub cache, 9 wanted; "
+                                         r"fetch them with network first \(train.py --download_only with this run's "
+                                         r"--max_train_pairs\)$"):  # fmt: skip
+        data_specs.hub_datasets(max_pairs=18)
+    assert len(data_specs.hub_datasets(max_pairs=16)[0]) == 8
