@@ -10,14 +10,17 @@ A new kind of data: one branch in load_data. train.py's training data also comes
 (queries_from_hub).
 """
 
+import fnmatch
 import math
 import re
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import ir_datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from reranker import (
     InputError,
@@ -41,6 +44,7 @@ IRDS_NAMES = {
     "dev-small": "msmarco-passage/dev/small",
 }
 MSMARCO_V11 = "msmarco-v1.1-val"
+MSMARCO_V11_HUB = "microsoft/ms_marco"
 
 
 def load_data(spec, top_k, with_candidates=True, candidates=None):
@@ -53,7 +57,7 @@ def load_data(spec, top_k, with_candidates=True, candidates=None):
     if candidates:
         raise InputError(f"--candidates {spec}=...: only for ir_datasets data (a DIR:SPLIT has DIR/run.SPLIT.trec)")
     if spec == MSMARCO_V11:
-        with quiet_downloads():
+        with quiet_downloads(hub_id=MSMARCO_V11_HUB):
             return load_msmarco_v11(top_k)
     if ":" not in spec:
         raise InputError(f"{spec}: unknown data, expected DIR:SPLIT, dl19, dl20, dev-small, irds:<id> or {MSMARCO_V11}")
@@ -95,6 +99,14 @@ def load_irds(spec, dataset_id, top_k, with_candidates, candidates=None):
                         raise InputError(f"{candidates}:{line_number}: document {doc_id} is not in {dataset_id}")
     except (OSError, RuntimeError) as error:  # ir_datasets raises RuntimeError when every download source fails
         raise InputError(f"{spec}: cannot load {dataset_id} with ir_datasets: {one_line(error)}") from None
+    except ValueError as error:  # ir_datasets.util.check_disk_free, before a download or a docstore (14.4 GB) build
+        if not str(error).startswith("Insufficient disk space"):
+            raise
+        where, skip = f"IR_DATASETS_HOME ({ir_datasets.util.home_path()})", "IR_DATASETS_SKIP_DISK_FREE=true"
+        raise InputError(
+            f"{spec}: not enough disk space for {dataset_id} in {where}: {one_line(error)}; point "
+            f"IR_DATASETS_HOME at a disk with that much free, or {skip} skips the check"
+        ) from None
     return Split(queries, qrels, run, corpus, spec, ranked)
 
 
@@ -105,13 +117,15 @@ def load_msmarco_v11(top_k):
     its MRR@10 over all 10,047 (MS MARCO's official evaluation would leave those queries out).
     """
     try:
-        rows = datasets.load_dataset("microsoft/ms_marco", "v1.1", split="validation")
+        rows = datasets.load_dataset(MSMARCO_V11_HUB, "v1.1", split="validation")
     except OSError as error:  # offline: ConnectionError; unknown name: DatasetNotFoundError
         raise InputError(f"{MSMARCO_V11}: cannot load microsoft/ms_marco v1.1: {one_line(error)}") from None
     queries, qrels, run, corpus = {}, {}, {}, {}
-    for row in rows:
+    for row_number, row in enumerate(rows):
         passages = row["passages"]
         query_id = str(row["query_id"])
+        if query_id in queries:  # keyed by query_id: a second row would merge into the first unseen
+            raise InputError(f"{MSMARCO_V11}: query_id {query_id} appears a second time (validation row {row_number})")
         queries[query_id] = row["query"]
         for i, (text, selected) in enumerate(zip(passages["passage_text"], passages["is_selected"])):
             doc_id = f"{query_id}-{i}"
@@ -132,20 +146,65 @@ def data_folder(spec):
 # Training data from the hub: sentence-transformers/msmarco, the thesis code's.
 
 
-def hub_datasets():
-    """sentence-transformers/msmarco's configs triplets (of ids), corpus and queries, memory-mapped once cached."""
+def hub_datasets(max_pairs=None):
+    """The first max_pairs / 2 triplets (ids) of sentence-transformers/msmarco, from only the shards that hold them,
+    and its corpus and queries, memory-mapped (the datasets cache). Offline: what an earlier run fetched."""
+    rows = math.ceil((max_pairs or HUB_TRAIN_PAIRS) / 2)
     try:
-        with quiet_downloads():
-            return [datasets.load_dataset(MSMARCO_HUB, name, split="train") for name in ("triplets", "corpus",
-                                                                                           "queries")]  # fmt: skip
-    except OSError as error:  # offline: ConnectionError
+        with quiet_downloads(hub_id=MSMARCO_HUB):
+            triplets = first_rows(hub_files("triplets", rows), rows)
+            return [triplets] + [datasets.load_dataset("parquet", data_files=hub_files(name), split="train")
+                                 for name in ("corpus", "queries")]  # fmt: skip
+    except OSError as error:  # offline and not cached: OfflineModeIsEnabled, LocalEntryNotFoundError
         raise InputError(f"{MSMARCO_HUB}: cannot load it from the hub: {one_line(error)}") from None
+
+
+def hub_files(config, rows=None):
+    """Local copies (the hub cache) of the train files of sentence-transformers/msmarco's CONFIG, as its card's
+    `configs` name them, in the order datasets reads them (by name); with rows, only the first that hold that many."""
+    readme = Path(huggingface_hub.hf_hub_download(MSMARCO_HUB, "README.md", repo_type="dataset"))
+    snapshot = readme.parent  # snapshots/COMMIT: every file below comes from that commit
+    configs = {entry["config_name"]: entry for entry in huggingface_hub.DatasetCard.load(readme).data.configs or []}
+    data_files = configs.get(config, {}).get("data_files", f"{config}/*")
+    patterns = []
+    for entry in [data_files] if isinstance(data_files, str) else data_files:  # the card's forms of data_files
+        if isinstance(entry, str):
+            patterns.append(entry)
+        elif entry.get("split", "train") == "train":
+            patterns += [entry["path"]] if isinstance(entry["path"], str) else entry["path"]
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE  # the files of the cached snapshot, else of the commit
+    if offline:
+        names = [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()]
+    else:
+        names = huggingface_hub.list_repo_files(MSMARCO_HUB, repo_type="dataset", revision=snapshot.name)
+    paths, held = [], 0
+    for name in sorted(name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)):
+        if rows is not None and held >= rows:
+            break
+        paths.append(huggingface_hub.hf_hub_download(MSMARCO_HUB, name, repo_type="dataset", revision=snapshot.name))
+        held += pq.ParquetFile(paths[-1]).metadata.num_rows
+    if not paths:
+        raise InputError(f"{MSMARCO_HUB}: no files of its {config} config ({', '.join(patterns)}) found")
+    if offline and rows is not None and held < rows:  # not a short config: fewer files fetched than this run needs
+        raise InputError(f"{MSMARCO_HUB}: {held:,} {config} rows in the hub cache, {rows:,} wanted; fetch them with "
+                         "network first (train.py --download_only with this run's --max_train_pairs)")  # fmt: skip
+    return paths
+
+
+def first_rows(paths, rows):
+    """The first `rows` rows of Parquet files read one after the other, as an Arrow table; no more is read."""
+    batches = []
+    for path in paths:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16):
+            batches.append(batch)
+            if sum(len(b) for b in batches) >= rows:
+                return pa.Table.from_batches(batches).slice(0, rows)
+    return pa.Table.from_batches(batches)
 
 
 def queries_from_hub(max_pairs):
     """The first max_pairs / 2 triplets of the hub data, with their texts."""
-    triplets, corpus, queries = hub_datasets()
-    first = triplets.with_format("arrow")[: math.ceil(max_pairs / 2)]
+    first, corpus, queries = hub_datasets(max_pairs)
     query_ids, positive_ids, negative_ids = (first[c].to_pylist() for c in ("query_id", "positive_id", "negative_id"))
     passage = texts_by_id(corpus, "passage_id", "passage", positive_ids + negative_ids)
     query = texts_by_id(queries, "query_id", "query", query_ids)

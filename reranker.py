@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bm25s
+import datasets.config
+import huggingface_hub
 import ir_measures
 import numpy as np
 import Stemmer
@@ -70,9 +72,12 @@ def one_line(error):
 
 
 @contextmanager
-def quiet_downloads(all_warnings=False):
-    """The hub client's retries off: offline, the error is our one line. Other warnings (a model's missing weights)
-    still show, unless all_warnings (ir_datasets logs each mirror it tries through loggers of its own)."""
+def quiet_downloads(all_warnings=False, hub_id=None):
+    """The hub client's retry messages off: offline, the error is our one line. Other warnings (a model's missing
+    weights) still show, unless all_warnings (ir_datasets logs each mirror it tries through loggers of its own).
+    hub_id: a name the hub may be asked for (not a local folder): offline mode unless the hub answers."""
+    if hub_id and not Path(hub_id).exists():
+        offline_unless_the_hub_answers()
     hub = logging.getLogger("huggingface_hub")
     level = hub.level
     hub.setLevel(logging.ERROR)
@@ -84,6 +89,23 @@ def quiet_downloads(all_warnings=False):
         hub.setLevel(level)
         if all_warnings:
             logging.disable(logging.NOTSET)
+
+
+@functools.cache
+def offline_unless_the_hub_answers(timeout=5):
+    """HF_HUB_OFFLINE=1 for this process where one request to the hub gets no answer. Without a connection
+    huggingface_hub retries each file for ~25 s (1 + 2 + 4 + 8 + 8 s; no setting turns that off) before it looks in
+    its cache; offline mode looks in the cache at once: a cached model or data set still loads, anything else is our
+    one-line error."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return
+    try:
+        huggingface_hub.utils.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=timeout)
+    except Exception as error:  # no name resolution, no route, refused, timed out (any answer, even a 5xx, is one)
+        logging.getLogger("reranker").warning("%s did not answer (%s): offline mode, the caches only",
+                                              huggingface_hub.constants.ENDPOINT, one_line(error))  # fmt: skip
+        os.environ["HF_HUB_OFFLINE"] = "1"  # and for any process started from here
+        huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True  # as read when imported
 
 
 def leave_process_group(state):
@@ -341,18 +363,19 @@ def _line_of(path, *tokens):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The model: a one-logit sequence classifier on the backbone's [CLS] token (thesis section 4), loaded one way for
-# training (a new head) and for scoring (every weight from the folder).
+# The model: a one-logit sequence classifier on the backbone's [CLS] token (thesis section 4; ModernBERT pools as its
+# config says), loaded one way for training (a new head) and for scoring (every weight from the folder).
 
 
-def cross_encoder_parts(name_or_path, new_head=False):
+def cross_encoder_parts(name_or_path, new_head=False, classifier_pooling=None):
     """-> (tokenizer, config) of a model, checked before any weight loads: to score, it must be a one-logit
-    ...ForSequenceClassification saved with its tokenizer, as train.py saves it."""
+    ...ForSequenceClassification saved with its tokenizer, as train.py saves it. classifier_pooling (cls, mean)
+    overrides the pooling of models with that setting (ModernBERT); else each pools as its config says."""
     path = Path(name_or_path)
     if not path.exists() and path.parent != Path(".") and path.parent.is_dir():
         raise InputError(f"{name_or_path}: no such folder")  # rather than a hub id: runs/minilm, not org/name
     try:
-        with quiet_downloads():
+        with quiet_downloads(hub_id=name_or_path):
             config = AutoConfig.from_pretrained(name_or_path, **({"num_labels": 1} if new_head else {}))
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:  # no such model / not a model transformers knows
@@ -367,17 +390,20 @@ def cross_encoder_parts(name_or_path, new_head=False):
             f"{name_or_path}: not a cross-encoder ({', '.join(architectures) or 'no architecture'} with "
             f"{config.num_labels} labels; expected a ...ForSequenceClassification with 1 label, as train.py saves)"
         )
-    if new_head and config.model_type == "modernbert":
-        config.classifier_pooling = "cls"
+    if classifier_pooling and not hasattr(config, "classifier_pooling"):
+        raise InputError(f"--classifier_pooling {classifier_pooling}: {name_or_path} ({config.model_type}) has no such "
+                         "setting; only models that have it (ModernBERT) take it")  # fmt: skip
+    if classifier_pooling:
+        config.classifier_pooling = classifier_pooling
     return tokenizer, config
 
 
-def load_cross_encoder(name_or_path, new_head=False, parts=None):
+def load_cross_encoder(name_or_path, new_head=False, parts=None, classifier_pooling=None):
     """-> (model, tokenizer). new_head: a backbone with a fresh head, to train; else a cross-encoder whose every weight
     is in the folder, to score. `parts`: cross_encoder_parts' result, if checked already."""
-    tokenizer, config = parts or cross_encoder_parts(name_or_path, new_head)
+    tokenizer, config = parts or cross_encoder_parts(name_or_path, new_head, classifier_pooling)
     try:
-        with quiet_downloads():
+        with quiet_downloads(hub_id=name_or_path):
             model, loading = AutoModelForSequenceClassification.from_pretrained(
                 name_or_path, config=config, output_loading_info=True
             )

@@ -69,6 +69,8 @@ class ScriptArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete a non-empty output_dir first."})
     download_only: bool = field(default=False, metadata={"help": "Fill the caches for offline nodes, write nothing."})
     check_only: bool = field(default=False, metadata={"help": "Check flags, data and model: exit 0 or 2."})
+    classifier_pooling: str | None = field(default=None, metadata={"help": "ModernBERT's head pools cls or mean "
+                                           "(default: as its config says).", "choices": ["cls", "mean"]})  # fmt: skip
 
     def __post_init__(self):
         for name, least in [("eval_top_k", 1), ("max_length", 1), ("max_train_pairs", 1), ("negatives_per_query", 0),
@@ -182,15 +184,11 @@ def queries_from_split(spec, negatives_per_query=None):
     return entries
 
 
-def queries_from_triples(path):
-    return [(query, [positive], [negative]) for _, (query, positive, negative) in read_fields(path, 3)]
-
-
 def load_queries(source, max_pairs=None, negatives_per_query=None):
     if source == MSMARCO_HUB:
         return queries_from_hub(max_pairs or HUB_TRAIN_PAIRS)
     if Path(source).is_file():
-        return queries_from_triples(source)
+        return [(query, [positive], [negative]) for _, (query, positive, negative) in read_fields(source, 3)]
     if ":" in source:
         return queries_from_split(source, negatives_per_query)
     raise InputError(f"{source}: not a file, not DIR:SPLIT and not {MSMARCO_HUB}")
@@ -316,7 +314,7 @@ class RerankerTrainer(stop_and_resume.ResumableTrainer):
         return super().create_optimizer(model)
 
 
-load_model = functools.partial(load_cross_encoder, new_head=True)  # a new one-logit head on [CLS] (thesis section 4)
+load_model = functools.partial(load_cross_encoder, new_head=True)  # a new one-logit head (thesis section 4)
 
 
 @exit_on_input_error
@@ -329,11 +327,12 @@ def main(argv=None):
     data = (script_args.train_data, script_args.max_train_pairs, script_args.negatives_per_query, group_size)
     if script_args.download_only or script_args.check_only:  # through the calls of 2 and 3, writing nothing
         with training_args.main_process_first(desc="download"):
-            (load_model if script_args.download_only else cross_encoder_parts)(preset.model_name_or_path, new_head=True)
+            load = load_model if script_args.download_only else functools.partial(cross_encoder_parts, new_head=True)
+            load(preset.model_name_or_path, classifier_pooling=script_args.classifier_pooling)
             if script_args.train_data != MSMARCO_HUB:
                 load_examples(*data)
             elif script_args.download_only:  # not the pairs: their texts would take GBs of memory, on a login node too
-                hub_datasets()
+                hub_datasets(script_args.max_train_pairs)
             if script_args.eval_data:
                 load_data(script_args.eval_data, script_args.eval_top_k)
         logger.info("%s %s and %s", "Cached" if script_args.download_only else "Checked", preset.model_name_or_path,
@@ -344,7 +343,7 @@ def main(argv=None):
 
     # 2. Model and tokenizer (seeded first: the new classification head is drawn from the RNG).
     set_seed(training_args.seed)
-    model, tokenizer = load_model(preset.model_name_or_path)
+    model, tokenizer = load_model(preset.model_name_or_path, classifier_pooling=script_args.classifier_pooling)
 
     # 3. Data: examples (pairs, or groups kept together), tokenized once, padded per batch.
     with training_args.main_process_first(desc="training data"):

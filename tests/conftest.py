@@ -94,3 +94,63 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# sentence-transformers/msmarco as huggingface_hub caches it (HF_HUB_CACHE/datasets--OWNER--NAME/refs/main holds the
+# commit, snapshots/COMMIT/ the files). Schema of its card's configs: triplets (query_id, positive_id, negative_id),
+# corpus (passage_id, passage), queries (query_id, query), string ids; the files in per-config folders as push_to_hub
+# names them (CONFIG/train-0000K-of-0000N.parquet, as in sentence-transformers/msmarco-bm25's triplet-50/).
+MSMARCO_CARD = """---
+configs:
+- config_name: triplets
+  data_files:
+  - split: train
+    path: triplets/train-*
+- config_name: corpus
+  data_files:
+  - split: train
+    path: corpus/train-*
+- config_name: queries
+  data_files:
+  - split: train
+    path: queries/train-*
+---
+"""
+
+
+@pytest.fixture
+def msmarco_hub_cache(tmp_path, monkeypatch):
+    """A hub cache holding sentence-transformers/msmarco: 12 triplets q1..q12 (p1..p12, n1..n12) in 3 files of 4,
+    passages P1..P12 and N1..N12, queries Q1..Q12; offline (HF_HUB_OFFLINE), as after `run_all.sh --download`.
+    -> its snapshot folder."""
+    import datasets.config
+    import huggingface_hub.constants
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "hub" / "datasets--sentence-transformers--msmarco"
+    commit = "5dd34fcbb42a4a1e9a2f47bb06a1fbc4e2ef4a1d"
+    snapshot = repo / "snapshots" / commit
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text(MSMARCO_CARD)
+    ids = [str(i) for i in range(1, 13)]
+    tables = {
+        "triplets": [pa.table({"query_id": [f"q{i}" for i in part], "positive_id": [f"p{i}" for i in part],
+                               "negative_id": [f"n{i}" for i in part]}) for part in (ids[:4], ids[4:8], ids[8:])],
+        "corpus": [pa.table({"passage_id": [f"{k}{i}" for k in "np" for i in ids],
+                             "passage": [f"{k.upper()}{i}" for k in "np" for i in ids]})],
+        "queries": [pa.table({"query_id": [f"q{i}" for i in ids[::-1]], "query": [f"Q{i}" for i in ids[::-1]]})],
+    }  # fmt: skip
+    for config, parts in tables.items():
+        (snapshot / config).mkdir()
+        for k, table in enumerate(parts):
+            pq.write_table(table, snapshot / config / f"train-{k:05d}-of-{len(parts):05d}.parquet")
+    (snapshot / "triplets-hard").mkdir()  # another config's files, which sort first: the card tells them apart
+    pq.write_table(tables["triplets"][2], snapshot / "triplets-hard" / "train-00000-of-00001.parquet")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets-cache"))
+    return snapshot

@@ -353,25 +353,6 @@ def test_run_mode_averages_over_every_judged_query_with_the_ones_the_run_leaves_
 # BM25 first stage.
 
 
-def test_msmarco_v11_validation_ranks_each_querys_given_passages_in_their_given_order(monkeypatch):
-    rows = [
-        {"query_id": 5, "query": "what is a", "passages": {"passage_text": ["p0", "p1", "p2"], "is_selected": [0, 1, 0]}},
-        {"query_id": 6, "query": "no answer", "passages": {"passage_text": ["x"], "is_selected": [0]}},
-    ]
-    calls = []
-    monkeypatch.setattr(data_specs.datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or rows)
-
-    split = data_specs.load_data("msmarco-v1.1-val", top_k=2)
-
-    assert calls == [(("microsoft/ms_marco", "v1.1"), {"split": "validation"})]
-    assert split.queries == {"5": "what is a", "6": "no answer"}
-    assert split.qrels == {"5": {"5-0": 0, "5-1": 1, "5-2": 0}, "6": {"6-0": 0}}
-    assert split.run == {"5": {"5-0": 3.0, "5-1": 2.0}, "6": {"6-0": 1.0}}  # the given order, cut at top_k
-    assert split.corpus == {"5-0": "p0", "5-1": "p1", "5-2": "p2", "6-0": "x"}
-    # query 6, with no selected passage, counts as 0, as in the thesis's mean over all queries: (1/2 + 0) / 2
-    assert reranker.evaluate_run(split.qrels, split.run)[0]["RR@10"] == 0.25
-
-
 def fake_ir_dataset(scores):
     """What evaluate.py reads of an ir_datasets dataset: 2 queries, 3 candidates each with the given scores."""
     record = SimpleNamespace

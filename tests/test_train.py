@@ -5,11 +5,11 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import ir_measures
 import pytest
 import torch
@@ -258,37 +258,78 @@ def test_an_explicit_flag_beats_the_preset():
 # GTE and ModernBERT through train.py's own loading and training path, on tiny random models.
 
 
-@needs_data
-@pytest.mark.parametrize("config_class", [GteConfig, ModernBertConfig])
-def test_tiny_gte_and_modernbert_train_through_train_py(minilm, tmp_path, config_class):
+def save_tiny(minilm, folder, config_class, **settings):
+    """A tiny random model of `config_class` with MiniLM's tokenizer, saved as a local folder."""
     tokenizer = AutoTokenizer.from_pretrained(minilm)
     config = config_class(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, num_labels=1,
+        **settings,
     )  # fmt: skip
     config.type_vocab_size = 2  # the BERT tokenizer used here marks the passage with token type 1
     torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return config
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "config_class, settings, flags, pooling",
+    [(GteConfig, {}, [], None),
+     # the default is the model's own pooling (answerdotai/ModernBERT-base's hub config says "mean"), not forced
+     (ModernBertConfig, {"classifier_pooling": "mean"}, [], "mean"),
+     (ModernBertConfig, {"classifier_pooling": "mean"}, ["--classifier_pooling", "cls"], "cls")],
+)  # fmt: skip
+def test_tiny_gte_and_modernbert_train_through_train_py(minilm, tmp_path, config_class, settings, flags, pooling):
+    config = save_tiny(minilm, tmp_path / "tiny", config_class, **settings)
     out = tmp_path / "out"
     train.main(
         ["--model", str(tmp_path / "tiny"), "--optim", "lion", "--train_data", f"{DATA}/msmarco-sample:train",
          "--negatives_per_query", "1", "--max_train_pairs", "48", "--max_steps", "3", "--warmup_steps", "1",
-         "--max_length", "64", "--logging_steps", "1", "--output_dir", str(out), "--report_to", "none"]
+         "--max_length", "64", "--logging_steps", "1", "--output_dir", str(out), "--report_to", "none", *flags]
     )  # fmt: skip
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
     assert all(math.isfinite(e["loss"]) and math.isfinite(e["grad_norm"]) for e in history if "loss" in e)
     saved = AutoModelForSequenceClassification.from_pretrained(out)
     assert saved.config.model_type == config.model_type and saved.config.num_labels == 1
-    if config.model_type == "modernbert":
-        assert saved.config.classifier_pooling == "cls"
+    assert getattr(saved.config, "classifier_pooling", None) == pooling
     initial = load_file(tmp_path / "tiny" / "model.safetensors")
     trained = load_file(out / "model.safetensors")
     # The whole encoder trains, not just the head: Lion moves every element whose update has a sign by the learning
     # rate (a one-element bias can come back to exactly where it was when its two updates have opposite signs).
     unchanged = [k for k in initial if initial[k].numel() > 1 and torch.equal(initial[k], trained[k])]
     assert unchanged == [] and len(initial) > 15
+
+
+@pytest.mark.parametrize("saved, flag", [("cls", "mean"), ("mean", "cls"), ("cls", None), ("mean", None)])
+def test_classifier_pooling_overrides_a_modernbert_configs_own_both_ways(minilm, tmp_path, saved, flag):
+    save_tiny(minilm, tmp_path / "tiny", ModernBertConfig, classifier_pooling=saved)
+    model, tokenizer = train.load_model(str(tmp_path / "tiny"), classifier_pooling=flag)
+    assert model.config.classifier_pooling == (flag or saved)
+    # and the head pools that way: [CLS]'s state, or the mean over the unpadded tokens
+    pair = tokenizer(["a query", "another"], ["a passage", "a longer passage than that"], return_tensors="pt",
+                     padding=True, return_token_type_ids=False)  # fmt: skip
+    with torch.no_grad():
+        hidden = model.eval().model(**pair).last_hidden_state
+        mask = pair["attention_mask"].unsqueeze(-1)
+        pooled = hidden[:, 0] if (flag or saved) == "cls" else (hidden * mask).sum(1) / mask.sum(1)
+        assert torch.allclose(model(**pair).logits, model.classifier(model.head(pooled)), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--classifier_pooling", "mean"],
+      r"--classifier_pooling mean: .*model \(bert\) has no such setting; only models that have it \(ModernBERT\)"),
+     (["--classifier_pooling", "max"],
+      r"argument --classifier_pooling/--classifier-pooling: invalid choice: 'max' \(choose from 'cls', 'mean'\)")],
+)  # fmt: skip
+def test_classifier_pooling_on_a_model_without_it_is_a_one_line_error(minilm, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--model", minilm, "--check_only", "--train_data", str(tmp_path / "t.tsv"), *argv])
+    errors = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(errors) == 1 and re.match(f"error: {message}", errors[0]), errors
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -342,51 +383,25 @@ def test_training_pairs_label_positives_1_and_take_the_best_ranked_unjudged_or_n
     assert load_pairs(spec, max_pairs=2) == [(query, "passage 3", 1.0), (query, "passage 2", 0.0)]
 
 
-@pytest.mark.parametrize("id_type", [str, int])
-def test_hub_pairs_are_the_thesis_codes_first_triplets_with_their_texts(monkeypatch, id_type):
-    """sentence-transformers/msmarco (ids only in its triplets): by default the thesis code's first 1 M triplets, as
-    2 M pairs, not all ~400 M. Here the hub is three small datasets and the default is scaled down to 4 pairs."""
-    ids = {name: id_type(i) for i, name in enumerate(["7", "8", "9", "p1", "p2", "p3", "n1", "n2", "n3", "p0"], 1)}
-    passages = ["p0", "p1", "p2", "p3", "n1", "n2", "n3"]
-    hub = {
-        "triplets": datasets.Dataset.from_dict({"query_id": [ids["7"], ids["8"], ids["9"]],
-                                                "positive_id": [ids["p1"], ids["p2"], ids["p3"]],
-                                                "negative_id": [ids["n1"], ids["n2"], ids["n3"]]}),
-        "corpus": datasets.Dataset.from_dict({"passage_id": [ids[p] for p in passages],
-                                              "passage": [p.upper() for p in passages]}),
-        "queries": datasets.Dataset.from_dict({"query_id": [ids[q] for q in ["9", "8", "7"]],
-                                               "query": ["Q9", "Q8", "Q7"]}),
-    }  # fmt: skip
-    monkeypatch.setattr(data_specs.datasets, "load_dataset", lambda name, config, split: hub[config])
-    monkeypatch.setattr(train, "HUB_TRAIN_PAIRS", 4)
-
-    assert load_pairs(train.MSMARCO_HUB) == [("Q7", "P1", 1.0), ("Q7", "N1", 0.0), ("Q8", "P2", 1.0),
-                                                   ("Q8", "N2", 0.0)]  # fmt: skip
-    assert len(load_pairs(train.MSMARCO_HUB, max_pairs=6)) == 6
-    # only the passages of the triplets taken become Python strings (the hub's corpus has 8.8 M)
-    wanted = [ids["p2"], ids["n1"], ids["p2"]]
-    assert data_specs.texts_by_id(hub["corpus"], "passage_id", "passage", wanted) == {ids["p2"]: "P2", ids["n1"]: "N1"}
-
-
-def test_download_only_fetches_the_model_and_the_hub_data_and_writes_nothing(minilm, tmp_path, monkeypatch):
+def test_download_only_fetches_the_model_and_the_hub_data_and_writes_nothing(
+    minilm, tmp_path, monkeypatch, msmarco_hub_cache
+):
     """--download_only (for GPU nodes without network): the model and the hub dataset's three configs go through the
-    calls training makes, so they are in the caches; the output folder, even a finished run's, is not touched."""
-    loaded = []
-    hub = {
-        "triplets": datasets.Dataset.from_dict({"query_id": ["7"], "positive_id": ["p1"], "negative_id": ["n1"]}),
-        "corpus": datasets.Dataset.from_dict({"passage_id": ["p1", "n1"], "passage": ["P1", "N1"]}),
-        "queries": datasets.Dataset.from_dict({"query_id": ["7"], "query": ["Q7"]}),
-    }
-    monkeypatch.setattr(data_specs.datasets, "load_dataset", lambda _, config, split: loaded.append(config) or hub[config])
+    calls training makes, so they are in the caches (here the hub cache already holds them: offline, it must find
+    them there); for the triplets only the files that hold the pairs asked for; the output folder, even a finished
+    run's, is not touched."""
+    fetched, hub_files = [], data_specs.hub_files
+    monkeypatch.setattr(data_specs, "hub_files", lambda config, rows=None: fetched.append((config, rows)) or
+                        hub_files(config, rows))  # fmt: skip
     models, load_model = [], train.load_model
-    monkeypatch.setattr(train, "load_model", lambda name: models.append(name) or load_model(name))
+    monkeypatch.setattr(train, "load_model", lambda name, **kw: models.append(name) or load_model(name, **kw))
     finished = tmp_path / "run"
     finished.mkdir()
     (finished / "model.safetensors").write_text("a finished run")
 
-    train.main(["--model", minilm, "--download_only", "--output_dir", str(finished)])
+    train.main(["--model", minilm, "--download_only", "--max_train_pairs", "6", "--output_dir", str(finished)])
 
-    assert sorted(loaded) == ["corpus", "queries", "triplets"] and models == [minilm]
+    assert fetched == [("triplets", 3), ("corpus", None), ("queries", None)] and models == [minilm]
     assert [p.name for p in finished.iterdir()] == ["model.safetensors"]
 
 
