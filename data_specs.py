@@ -30,7 +30,7 @@ from reranker import (
     one_line,
     quiet_downloads,
     read_fields,
-    read_run,  # fmt: skip
+    read_run,
     read_topics,
     split_paths,
     top_candidates,

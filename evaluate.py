@@ -57,7 +57,7 @@ from reranker import (
     load_cross_encoder,
     one_line,
     query_chunks,
-    read_fields,  # fmt: skip
+    read_fields,
     read_run,
     relevance_level,
     reranks,
@@ -72,7 +72,7 @@ from tables import (
     add_significance,
     data_table,
     has_thesis_columns,
-    legend,  # fmt: skip
+    legend,
     thesis_table,
 )
 

@@ -28,25 +28,9 @@ import stop_and_resume
 from cpu_fast_path import keep_freed_memory, use_cpu_fast_path
 from data_specs import HUB_TRAIN_PAIRS, MSMARCO_HUB, hub_datasets, load_data, queries_from_hub
 from model_card import CheckpointCards, write_trainer_card
-from reranker import (
-    PRESETS,
-    InputError,
-    bf16_gpu,
-    collate_pairs,
-    cpu_only,
-    cross_encoder_parts,
-    exit_on_input_error,
-    leave_process_group,
-    load_cross_encoder,
-    load_split,
-    one_line,
-    preset_for,
-    ranking,
-    read_fields,
-    relevance_level,  # fmt: skip
-    warn_if_no_gpu_where_one_was_named,
-    write_atomic,
-)
+from reranker import (PRESETS, InputError, bf16_gpu, collate_pairs, cpu_only, cross_encoder_parts, exit_on_input_error,
+                      leave_process_group, load_cross_encoder, load_split, one_line, preset_for, ranking, read_fields,
+                      relevance_level, warn_if_no_gpu_where_one_was_named, write_atomic)  # fmt: skip
 from validation import hold_out, length_order, rerank_metrics, tokenize_pairs, validation_set
 
 logger = logging.getLogger("train")
