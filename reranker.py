@@ -28,8 +28,6 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.tokenization_utils_base import TruncationStrategy
 from transformers.utils import PaddingStrategy
 
-from cpu_fast_path import keep_freed_memory
-
 # --------------------------------------------------------------------------------------------------------------------
 # Thesis presets (Table 4.1). Everything not listed here is shared by all three (Table 4.2) and lives in train.py.
 
@@ -548,6 +546,10 @@ def score_encoded(model, tokenizer, encoded, batch_tokens=None):
     model.eval()
     device = next(model.parameters()).device
     if device.type == "cpu":
+        from cpu_fast_path import (
+            keep_freed_memory,  # imported here: its transformers imports cost a start 1.5 s
+        )
+
         keep_freed_memory()
     batch_tokens = batch_tokens or (65536 if device.type == "cuda" else 4096)
     batches = token_batches([len(ids) for ids in encoded["input_ids"]], batch_tokens)
