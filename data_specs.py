@@ -6,12 +6,16 @@
     irds:<id>          any ir_datasets id with scoreddocs
     msmarco-v1.1-val   Hugging Face microsoft/ms_marco v1.1 validation, each query's ~10 given passages
 
-A new kind of data: one branch in load_data. train.py's training data also comes from the hub's MS MARCO triplets
+    SPEC#sampleN       a seeded random sample of N of any SPEC's judged queries (seed 0); SPEC#sampleN-seedS another
+    SPEC#restN         its complement: the other judged queries (-seedS as for #sampleN)
+
+A new kind of data: one branch in load_base. train.py's training data also comes from the hub's MS MARCO triplets
 (queries_from_hub).
 """
 
 import fnmatch
 import math
+import random
 import re
 from pathlib import Path
 
@@ -45,11 +49,25 @@ IRDS_NAMES = {
 }
 MSMARCO_V11 = "msmarco-v1.1-val"
 MSMARCO_V11_HUB = "microsoft/ms_marco"
+# no "=" or ":": --candidates SPEC=RUN_FILE splits on the first "=", DIR:SPLIT on the last ":"
+SUBSET = re.compile(r"(?P<kind>sample|rest)(?P<n>[0-9]+)(?:-seed(?P<seed>[0-9]+))?")
 
 
 def load_data(spec, top_k, with_candidates=True, candidates=None):
     """A SPEC's queries and qrels, and with_candidates its first-stage top_k (from the `candidates` run file where
-    given) and their text."""
+    given) and their text; with a #sampleN or #restN suffix, only those queries."""
+    base, subset = parse_subset(spec)
+    return subset_of(load_base(base, top_k, with_candidates, candidates), spec, subset)
+
+
+def load_training_split(spec):
+    """train.py's DIR:SPLIT (with or without a subset suffix), with the text of every judged document: the positives."""
+    base, subset = parse_subset(spec)
+    return subset_of(load_split(base, need_qrels_text=True), spec, subset)
+
+
+def load_base(spec, top_k, with_candidates=True, candidates=None):
+    """load_data of a SPEC without a subset suffix."""
     if spec in IRDS_NAMES or spec.startswith("irds:"):
         with quiet_downloads(all_warnings=True):
             dataset_id = IRDS_NAMES.get(spec, spec.removeprefix("irds:"))
@@ -136,11 +154,51 @@ def load_msmarco_v11(top_k):
 
 
 def data_folder(spec):
-    """A folder name for a SPEC: `../shared/data/msmarco-sample:test` -> `msmarco-sample-test`."""
-    directory, _, split = spec.rpartition(":")
-    if directory and directory != "irds":
-        return f"{Path(directory).name}-{split}"
-    return re.sub(r"[^\w.-]+", "-", spec)
+    """A folder name for a SPEC: `../shared/data/msmarco-sample:test#sample60` -> `msmarco-sample-test-sample60`."""
+    base, subset = parse_subset(spec)
+    directory, _, split = base.rpartition(":")
+    name = f"{Path(directory).name}-{split}" if directory and directory != "irds" else re.sub(r"[^\w.-]+", "-", base)
+    return f"{name}-{subset[0]}" if subset else name
+
+
+# Subsets: SPEC#sampleN and SPEC#restN, a seeded draw of judged queries (e.g. validation and test parts of dev-small).
+
+
+def parse_subset(spec):
+    """`SPEC#sampleN[-seedS]` or `SPEC#restN[-seedS]` -> (SPEC, the suffix's SUBSET match); no suffix: (spec, None)."""
+    base, sep, suffix = spec.rpartition("#")
+    if not sep or "/" in suffix or ":" in suffix:  # a '#' in a DIR:SPLIT's folder names no subset
+        return spec, None
+    subset = SUBSET.fullmatch(suffix)
+    if not subset:
+        raise InputError(f"{spec}: expected SPEC#sampleN or SPEC#restN, optionally -seedS (e.g. dev-small#sample500)")
+    return base, subset
+
+
+def subset_query_ids(judged, subset, spec):
+    """The ids of `judged` (query ids) that `subset` names: random.Random(S).sample(sorted(judged), N), or the rest."""
+    judged, n, seed = sorted(judged), int(subset["n"]), int(subset["seed"] or 0)
+    if not 1 <= n <= len(judged):
+        raise InputError(f"{spec}: N must be from 1 to {len(judged)}, its number of judged queries, not {n}")
+    sample = set(random.Random(seed).sample(judged, n))
+    if subset["kind"] == "sample":
+        return sample
+    if n == len(judged):
+        raise InputError(f"{spec}: #rest{n} leaves no query: all {n} judged queries are in #sample{n}")
+    return set(judged) - sample
+
+
+def subset_of(split, spec, subset):
+    """`split` cut to the judged queries `subset` names (all of it where None): their queries, qrels and run, and the
+    documents those name; named `spec`."""
+    if subset is None:
+        return split
+    query_ids = subset_query_ids(split.qrels, subset, spec)
+    tables = (split.queries, split.qrels, split.run)
+    queries, qrels, run = ({query_id: v for query_id, v in table.items() if query_id in query_ids} for table in tables)
+    needed = {doc_id for docs in [*run.values(), *qrels.values()] for doc_id in docs}
+    corpus = {doc_id: text for doc_id, text in split.corpus.items() if doc_id in needed}
+    return Split(queries, qrels, run, corpus, spec, split.ranked)
 
 
 # Training data from the hub: sentence-transformers/msmarco, the thesis code's.

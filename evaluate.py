@@ -18,7 +18,9 @@
 msmarco-passage/trec-dl-2020/judged, msmarco-passage/dev/small with their official BM25 top-1000); `irds:<id>`
 (any ir_datasets id with scoreddocs); `msmarco-v1.1-val` (Hugging Face microsoft/ms_marco v1.1 validation,
 `is_selected` as the label: not the standard dev-small MRR@10). MS MARCO's official BM25 top-1000 comes shuffled and
-unscored: those data sets get no BM25 row, and are reranked whole.
+unscored: those data sets get no BM25 row, and are reranked whole. `SPEC#sampleN`: a seeded sample of N of SPEC's
+judged queries (seed 0; `-seedS` after it for another draw); `SPEC#restN`: the others. E.g. dev-small#sample500 to
+choose settings on, dev-small#rest500 to report.
 
 Writes to --output_dir: `metrics.json` (data spec -> system -> measure -> value, and the p-values), and per data a
 folder with `SYSTEM.trec` (TREC run) and `SYSTEM.per_query.json`. A killed rerank leaves `SYSTEM.scored-RANK.jsonl`
@@ -42,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 from transformers.utils.hub import cached_file
 
-from data_specs import IRDS_NAMES, MSMARCO_V11, data_folder, load_data
+from data_specs import IRDS_NAMES, MSMARCO_V11, data_folder, load_data, parse_subset
 from model_card import add_evaluations, candidate_source, evaluation_section
 from reranker import (
     InputError,
@@ -83,7 +85,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class EvaluationArguments:
     data: list[str] = field(
-        metadata={"help": "DIR:SPLIT, dl19, dl20, dev-small, irds:<ir_datasets id> or msmarco-v1.1-val (one or more)."}
+        metadata={"help": "DIR:SPLIT, dl19, dl20, dev-small, irds:<ir_datasets id> or msmarco-v1.1-val (one or more); "
+                         "SPEC#sampleN[-seedS] or SPEC#restN[-seedS]: a seeded part of its judged queries."}
     )
     models: list[str] = field(
         default_factory=list,
@@ -161,12 +164,14 @@ def system_name(model):
 
 
 def first_stage_name(spec):
-    return "given-order" if spec == MSMARCO_V11 else "BM25"
+    return "given-order" if parse_subset(spec)[0] == MSMARCO_V11 else "BM25"
 
 
 def read_checked_run(path, split):
-    """A run file whose queries are all queries of `split`."""
+    """A run file whose queries are all queries of `split`; for a SPEC#sampleN or #restN, its part of a SPEC's run."""
     run = read_run(path)
+    if parse_subset(split.name)[1]:  # a run of all of SPEC, cut to the subset (a stray query id goes unnoticed)
+        return {query_id: scores for query_id, scores in run.items() if query_id in split.queries}
     if any(query_id not in split.queries for query_id in run):
         for line_number, (query_id, *_) in read_fields(path, 6, sep=None):
             if query_id not in split.queries:
@@ -368,7 +373,8 @@ def main():
         sections = {}
         for spec, split in splits.items():
             rows = {s: metrics[spec][s] for s in (name, first_stage_name(spec)) if s in metrics[spec]}
-            source = candidate_source(spec, args.top_k, args.candidates_of.get(spec), IRDS_NAMES.get(spec))
+            base = parse_subset(spec)[0]  # a subset's candidates are its SPEC's
+            source = candidate_source(base, args.top_k, args.candidates_of.get(spec), IRDS_NAMES.get(base))
             scored_in = f"{str(dtype).removeprefix('torch.')} with --max_length {args.max_length}"  # step 4's dtype
             sections[spec] = evaluation_section(split, rows, columns[spec], source, scored_in)
         add_evaluations(model, sections)

@@ -26,10 +26,10 @@ from transformers.training_args import OptimizerNames
 
 import stop_and_resume
 from cpu_fast_path import keep_freed_memory, use_cpu_fast_path
-from data_specs import HUB_TRAIN_PAIRS, MSMARCO_HUB, hub_datasets, load_data, queries_from_hub
+from data_specs import HUB_TRAIN_PAIRS, MSMARCO_HUB, hub_datasets, load_data, load_training_split, queries_from_hub
 from model_card import CheckpointCards, write_trainer_card
 from reranker import (PRESETS, InputError, bf16_gpu, collate_pairs, cpu_only, cross_encoder_parts, exit_on_input_error,
-                      leave_process_group, load_cross_encoder, load_split, one_line, preset_for, ranking, read_fields,
+                      leave_process_group, load_cross_encoder, one_line, preset_for, ranking, read_fields,
                       relevance_level, warn_if_no_gpu_where_one_was_named, write_atomic)  # fmt: skip
 from validation import hold_out, length_order, rerank_metrics, tokenize_pairs, validation_set
 
@@ -154,7 +154,7 @@ def parse_args(argv):
 
 def queries_from_split(spec, negatives_per_query=None):
     """Positives from the qrels; negatives = the run's candidates not judged relevant, best-ranked first."""
-    split = load_split(spec, need_qrels_text=True)
+    split = load_training_split(spec)  # SPEC#sampleN: only those queries
     rel = relevance_level(split.qrels)
     entries = []
     for query_id in sorted(split.qrels):

@@ -139,8 +139,8 @@ MSMARCO_PASSAGE_FILES = {
 }
 
 
-def msmarco_passage_replica(home):
-    for name, text in MSMARCO_PASSAGE_FILES.items():
+def msmarco_passage_replica(home, files=MSMARCO_PASSAGE_FILES):
+    for name, text in files.items():
         path = home / "msmarco-passage" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
@@ -168,6 +168,31 @@ print(json.dumps({spec: [s.queries, s.qrels, s.run, s.corpus] for spec, s in spl
                               {"2": "birds sing", "3": "fish swim"}]  # fmt: skip
     assert splits["dev-small"] == [{"5": "what barks"}, {"5": {"1": 1}}, {"5": {"0": 0.0, "1": 0.0}},
                                    {"0": "cats purr", "1": "dogs bark"}]  # fmt: skip
+
+
+def test_dl19_sample_and_rest_through_ir_datasets_with_official_or_given_candidates(tmp_path):
+    dl19 = {  # three judged queries and an unjudged one
+        "trec-dl-2019/qrels": "19a Q0 0 3\n19b Q0 1 2\n19c Q0 2 1\n",
+        "trec-dl-2019/queries.tsv": "19a\twhat purrs\n19b\twhat barks\n19c\twhat sings\n19x\tnot judged\n",
+        "trec-dl-2019/ms.run": "19a\t1\n19a\t0\n19b\t1\n19c\t2\n19c\t3\n19x\t3\n",
+    }
+    home = msmarco_passage_replica(tmp_path / "irds", {**MSMARCO_PASSAGE_FILES, **dl19})
+    (tmp_path / "bm25.trec").write_text("19a Q0 2 1 9 bm25\n19b Q0 3 1 9 bm25\n19c Q0 0 1 9 bm25\n19x Q0 1 1 9 bm25\n")
+    code = f"""import json, data_specs
+splits = [data_specs.load_data("dl19#sample2", top_k=10), data_specs.load_data("dl19#rest2", top_k=10),
+          data_specs.load_data("dl19#sample2", top_k=10, candidates={str(tmp_path / "bm25.trec")!r})]
+print(json.dumps([[s.queries, s.qrels, s.run, s.corpus, s.name] for s in splits]))"""
+    result = run_python(code, home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sample, rest, given = json.loads(result.stdout.splitlines()[-1])
+    # random.Random(0).sample(["19a", "19b", "19c"], 2) == ["19b", "19c"]
+    assert sample == [{"19b": "what barks", "19c": "what sings"}, {"19b": {"1": 2}, "19c": {"2": 1}},
+                      {"19b": {"1": 0.0}, "19c": {"2": 0.0, "3": 0.0}},
+                      {"1": "dogs bark", "2": "birds sing", "3": "fish swim"}, "dl19#sample2"]  # fmt: skip
+    assert rest == [{"19a": "what purrs"}, {"19a": {"0": 3}}, {"19a": {"1": 0.0, "0": 0.0}},
+                    {"0": "cats purr", "1": "dogs bark"}, "dl19#rest2"]  # fmt: skip
+    assert given[2] == {"19b": {"3": 9.0}, "19c": {"0": 9.0}}  # the run file's, for the sampled queries alone
+    assert given[3] == {"0": "cats purr", "2": "birds sing", "3": "fish swim"}  # 2: 19a's candidate, 19c's judged
 
 
 def test_too_little_disk_for_the_docstore_is_one_line_naming_the_space_the_place_and_the_skip(tmp_path):
