@@ -13,7 +13,9 @@ A new kind of data: one branch in load_base. train.py's training data also comes
 (queries_from_hub).
 """
 
+import dataclasses
 import fnmatch
+import functools
 import math
 import random
 import re
@@ -57,7 +59,14 @@ def load_data(spec, top_k, with_candidates=True, candidates=None):
     """A SPEC's queries and qrels, and with_candidates its first-stage top_k (from the `candidates` run file where
     given) and their text; with a #sampleN or #restN suffix, only those queries."""
     base, subset = parse_subset(spec)
+    if subset is not None and is_irds(base):  # cut before the candidates' text is read: dev-small's is 7 M passages
+        keep = functools.partial(subset_query_ids, subset=subset, spec=spec)
+        return dataclasses.replace(load_base(base, top_k, with_candidates, candidates, keep), name=spec)
     return subset_of(load_base(base, top_k, with_candidates, candidates), spec, subset)
+
+
+def is_irds(spec):
+    return spec in IRDS_NAMES or spec.startswith("irds:")
 
 
 def load_training_split(spec):
@@ -66,12 +75,12 @@ def load_training_split(spec):
     return subset_of(load_split(base, need_qrels_text=True), spec, subset)
 
 
-def load_base(spec, top_k, with_candidates=True, candidates=None):
-    """load_data of a SPEC without a subset suffix."""
-    if spec in IRDS_NAMES or spec.startswith("irds:"):
+def load_base(spec, top_k, with_candidates=True, candidates=None, keep=None):
+    """load_data of a SPEC without a subset suffix (ir_datasets data: only the judged queries `keep` keeps)."""
+    if is_irds(spec):
         with quiet_downloads(all_warnings=True):
             dataset_id = IRDS_NAMES.get(spec, spec.removeprefix("irds:"))
-            return load_irds(spec, dataset_id, top_k, with_candidates, candidates)
+            return load_irds(spec, dataset_id, top_k, with_candidates, candidates, keep)
     if candidates:
         raise InputError(f"--candidates {spec}=...: only for ir_datasets data (a DIR:SPLIT has DIR/run.SPLIT.trec)")
     if spec == MSMARCO_V11:
@@ -85,7 +94,7 @@ def load_base(spec, top_k, with_candidates=True, candidates=None):
     return Split(queries, qrels, {}, {}, spec)
 
 
-def load_irds(spec, dataset_id, top_k, with_candidates, candidates=None):
+def load_irds(spec, dataset_id, top_k, with_candidates, candidates=None, keep=None):
     try:
         dataset = ir_datasets.load(dataset_id)
     except KeyError:
@@ -97,6 +106,10 @@ def load_irds(spec, dataset_id, top_k, with_candidates, candidates=None):
         qrels = {}
         for qrel in dataset.qrels_iter():
             qrels.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
+        if keep is not None:  # a #sampleN / #restN of the judged queries
+            kept = keep(qrels)
+            queries = {query_id: text for query_id, text in queries.items() if query_id in kept}
+            qrels = {query_id: judged for query_id, judged in qrels.items() if query_id in kept}
         run, corpus, ranked = {}, {}, True
         if with_candidates and candidates:  # e.g. Pyserini's run for all 200 DL19 topics: dl19's 43 judged are kept
             run = {query_id: scores for query_id, scores in read_run(candidates).items() if query_id in queries}
@@ -104,7 +117,8 @@ def load_irds(spec, dataset_id, top_k, with_candidates, candidates=None):
                 raise InputError(f"{candidates}: no query of {dataset_id} in it")
         elif with_candidates:
             for scored in dataset.scoreddocs_iter():
-                run.setdefault(scored.query_id, {})[scored.doc_id] = scored.score
+                if keep is None or scored.query_id in queries:
+                    run.setdefault(scored.query_id, {})[scored.doc_id] = scored.score
         if with_candidates:
             # the official top-1000 of MS MARCO and TREC DL ranks nothing (all scores 0)
             instead = "give ranked ones (--candidates SPEC=RUN_FILE)"

@@ -192,7 +192,7 @@ print(json.dumps([[s.queries, s.qrels, s.run, s.corpus, s.name] for s in splits]
     assert rest == [{"19a": "what purrs"}, {"19a": {"0": 3}}, {"19a": {"1": 0.0, "0": 0.0}},
                     {"0": "cats purr", "1": "dogs bark"}, "dl19#rest2"]  # fmt: skip
     assert given[2] == {"19b": {"3": 9.0}, "19c": {"0": 9.0}}  # the run file's, for the sampled queries alone
-    assert given[3] == {"0": "cats purr", "2": "birds sing", "3": "fish swim"}  # 2: 19a's candidate, 19c's judged
+    assert given[3] == {"0": "cats purr", "3": "fish swim"}  # the candidates' text alone: cut before it is read
 
 
 def test_too_little_disk_for_the_docstore_is_one_line_naming_the_space_the_place_and_the_skip(tmp_path):
