@@ -123,18 +123,21 @@ def load_study(path, models=None, optims=None, seeds=None, open_=False):
         bad("validation", 'missing: a DATA SPEC or "eval_loss" (only "selection": "test" goes without)')
     if selection == "test" and validation:
         bad("validation", 'given, but "selection" is "test": drop one')
-    optimizers = {}
-    for optimizer, grid in spec["optimizers"].items():
-        if not isinstance(grid, dict):
-            bad(f"optimizers.{optimizer}", "an object of train.py flags, each a list of values")
-        optimizers[optimizer] = {}
-        for flag, values in grid.items():
-            per_model = values if isinstance(values, dict) else {model: values for model in spec["models"]}
-            if per_model.keys() != set(spec["models"]):  # {"minilm": [...], ...}: a grid per backbone
-                bad(f"optimizers.{optimizer}.{flag}", f"values for each model ({', '.join(spec['models'])}), or one list")
-            for model, values in per_model.items():
-                per_model[model] = check_values(values, lambda message: bad(f"optimizers.{optimizer}.{flag}", message))
-            optimizers[optimizer][flag] = per_model
+    optimizers = {}  # optimizer -> its grids (several: their cells together), each {flag: {model: values}}
+    for optimizer, grids in spec["optimizers"].items():
+        optimizers[optimizer] = []
+        for grid in grids if isinstance(grids, list) else [grids]:
+            if not isinstance(grid, dict):
+                bad(f"optimizers.{optimizer}", "an object of train.py flags, each a list of values (or a list of such)")
+            optimizers[optimizer].append({})
+            for flag, values in grid.items():
+                key = f"optimizers.{optimizer}.{flag}"
+                per_model = values if isinstance(values, dict) else {model: values for model in spec["models"]}
+                if per_model.keys() != set(spec["models"]):  # {"minilm": [...], ...}: a grid per backbone
+                    bad(key, f"values for each model ({', '.join(spec['models'])}), or one list")
+                for model, values in per_model.items():
+                    per_model[model] = check_values(values, lambda message, key=key: bad(key, message))
+                optimizers[optimizer][-1][flag] = per_model
     train = spec.get("train", {})
     if not isinstance(train, dict):
         bad("train", "an object of train.py flags and values, for every run")
@@ -170,9 +173,9 @@ def narrow(study, models=None, optims=None, seeds=None):
     if models:
         study.models = list(models)
     if optims:
-        study.optimizers = {o: study.optimizers.get(o, {}) for o in optims}
-    for grid in study.optimizers.values():  # an open study's new models get the grid of the first
-        for flag, per_model in grid.items():
+        study.optimizers = {o: study.optimizers.get(o, [{}]) for o in optims}
+    for grid in [grid for grids in study.optimizers.values() for grid in grids]:  # an open study's new models: the
+        for flag, per_model in grid.items():  # first model's values
             grid[flag] = {m: per_model.get(m, next(iter(per_model.values()))) for m in study.models}
     return study
 
@@ -231,20 +234,19 @@ def plan(study, output):
     runs = []
     for model in study.models:
         label, model_path = resolve(model)
-        for optimizer, grid in study.optimizers.items():
-            for values in itertools.product(*[per_model[model] for per_model in grid.values()]):
-                settings = dict(zip(grid, values))
-                for seed in study.seeds:
-                    name = run_name(label, optimizer, settings, seed, study.seed_names)
-                    run = Run(f"{output}/runs/{name}", label, model_path, optimizer, settings, seed)
-                    run.args = ["--model", model_path, "--optim", optimizer, "--seed", str(seed), "--output_dir",
-                                run.dir, "--run_name", name, *as_flags(study.train), *as_flags(settings),
-                                *validation_flags(study)]  # fmt: skip
-                    runs.append(run)
+        cells = [(optimizer, dict(zip(grid, values))) for optimizer, grids in study.optimizers.items() for grid in grids
+                 for values in itertools.product(*[per_model[model] for per_model in grid.values()])]  # fmt: skip
+        for (optimizer, settings), seed in itertools.product(cells, study.seeds):
+            name = run_name(label, optimizer, settings, seed, study.seed_names)
+            run = Run(f"{output}/runs/{name}", label, model_path, optimizer, settings, seed)
+            run.args = ["--model", model_path, "--optim", optimizer, "--seed", str(seed), "--output_dir", run.dir,
+                        "--run_name", name, *as_flags(study.train), *as_flags(settings), *validation_flags(study)]
+            runs.append(run)
     names = [run.dir for run in runs]
     if len(set(names)) < len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
-        raise InputError(f"{study.path}: two runs would be named {Path(duplicate).name} (two models of one name?)")
+        raise InputError(f"{study.path}: two runs would be named {Path(duplicate).name} (a cell given twice, or two "
+                         "models of one name)")  # fmt: skip
     return runs
 
 
@@ -259,7 +261,7 @@ def check_flags(study):
     parser = train.HfArgumentParser((train.ScriptArguments, train.RerankerTrainingArguments))
     actions = {option: action for action in parser._actions for option in action.option_strings}
     places = [("train", flag, [value]) for flag, value in study.train.items()]
-    places += [(f"optimizers.{o}", flag, values) for o, grid in study.optimizers.items()
+    places += [(f"optimizers.{o}", flag, values) for o, grids in study.optimizers.items() for grid in grids
                for flag, per_model in grid.items() for values in per_model.values()]  # fmt: skip
     for where, flag, values in places:
         action = actions.get(f"--{flag}")
