@@ -31,6 +31,7 @@ from model_card import CheckpointCards, write_trainer_card
 from reranker import (PRESETS, InputError, bf16_gpu, collate_pairs, cpu_only, cross_encoder_parts, exit_on_input_error,
                       leave_process_group, load_cross_encoder, one_line, preset_for, ranking, read_fields,
                       relevance_level, warn_if_no_gpu_where_one_was_named, write_atomic)  # fmt: skip
+from run_cost import RunCost
 from validation import hold_out, length_order, rerank_metrics, tokenize_pairs, validation_set
 
 logger = logging.getLogger("train")
@@ -275,6 +276,7 @@ class RerankerTrainer(stop_and_resume.ResumableTrainer):
         self.group_size = group_size if loss.grouped else 1
         self.eval_with_bce = loss.grouped and self.compute_metrics is not None  # reranked candidates come ungrouped
         self.add_callback(CheckpointCards(self))  # each checkpoint gets its own model card
+        self.add_callback(RunCost())  # OUTPUT_DIR/cost.json: pairs/s, peak memory, optimizer state (run_cost.py)
         if self.args.device.type == "cpu":
             keep_freed_memory()
             if self.args.fast_cpu_dropout:

@@ -482,6 +482,8 @@ def test_deepspeed_zero2_steps_our_lion_under_accelerate_launch(minilm, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert "optimizer stepping: DeepSpeedOptimizerWrapper > DeepSpeedZeroOptimizer > Lion8bit" in result.stderr
     assert json.loads((tmp_path / "ds" / "trainer_state.json").read_text())["global_step"] == 2
+    cost = json.loads((tmp_path / "ds" / "cost.json").read_text())  # run_cost.py reaches the state inside ZeRO's
+    assert cost["optimizer"] == "Lion8bit" and 1 <= cost["optimizer_state_bytes_per_param"] < 1.03
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
