@@ -518,25 +518,26 @@ def cost_table(runs):
     """Per backbone and optimizer, what its runs measured (run_cost.py's cost.json), and the whole grid's hours."""
     from tables import markdown_table
 
-    rows, seconds, kinds = [], 0.0, set()
+    rows, hours, kinds = [], 0.0, set()
     for (label, optimizer), group in itertools.groupby(runs, key=lambda run: (run.label, run.optimizer)):
         costs = [json.loads(p.read_text()) for run in group if (p := Path(run.dir) / "cost.json").is_file()]
         if not costs:
             continue
-        seconds += sum(c["train_seconds"] for c in costs)
+        hours += sum(c["device_hours"] for c in costs)
         kinds |= {c["memory_kind"] for c in costs}
         peak = max(c["peak_memory_bytes"] for c in costs) / 2**30
         speeds = [c["pairs_per_second"] for c in costs]
         speed = f"{statistics.mean(speeds):.0f}" + (f" ± {statistics.stdev(speeds):.0f}" if len(speeds) > 1 else "")
         rows.append([label, optimizer, str(len(costs)), speed, f"{peak:.2f}", f"{statistics.mean(c['optimizer_state_bytes_per_param'] for c in costs):.2f}",
-            f"{sum(c['train_seconds'] for c in costs) / 3600:.2f}"])  # fmt: skip
+            f"{sum(c['device_hours'] for c in costs):.2f}"])  # fmt: skip
     if not rows:
         return ""
     unit = "GPU" if kinds == {"gpu"} else "CPU" if "gpu" not in kinds else "GPU/CPU"
     memory = "GPU memory (GiB)" if kinds == {"gpu"} else "peak memory (GiB, GPU or process RSS)"
     header = ["Backbone", "Optimizer", "Runs", "Training pairs/s", memory, "Optimizer state bytes/param",
               f"{unit}-hours"]  # fmt: skip
-    total = f"The whole grid: {seconds / 3600:.2f} {unit}-hours of training ({len(runs)} runs planned)."
+    total = (f"The whole grid: {hours:.2f} {unit}-hours of training, evaluation while training included ({len(runs)} "
+             "runs planned). Pairs/s count training steps alone.")  # fmt: skip
     return f"## Cost, measured in the runs\n\n{markdown_table(header, rows)}\n\n{total}\n"
 
 

@@ -213,7 +213,7 @@ def test_report_writes_selection_json_the_headline_table_with_holm_the_figure_an
             for step, value in zip((10, 20), values):
                 metrics[validation][f"{name}-checkpoint-{step}"] = {"nDCG@10": 0.0, "RR@10": value}
             cost = {"pairs_per_second": 100.0 * seed, "train_seconds": 1800.0, "peak_memory_bytes": 2**31,
-                    "memory_kind": "cpu_rss", "optimizer_state_bytes_per_param": 8.0 if "adamw" in cell else 1.0}
+                    "memory_kind": "cpu_rss", "device_hours": 0.5, "optimizer_state_bytes_per_param": 8.0 if "adamw" in cell else 1.0}
             (tmp_path / "runs" / name / "cost.json").write_text(json.dumps(cost))
     (tmp_path / "eval-validation").mkdir()
     (tmp_path / "eval-validation" / "metrics.json").write_text(json.dumps(metrics))
@@ -243,5 +243,5 @@ def test_report_writes_selection_json_the_headline_table_with_holm_the_figure_an
     assert "| adamw | lr 2e-05 | epoch 1 | RR@10 0.5000 ± 0.1414 | 0.5333 ± 0.0943 | 0.5333 ± 0.0943 |" in table
     assert "Holm-corrected over the 2 tests of this table" in table and "selected on validation" in table
     assert "| minilm | adamw | 4 | 150 ± 58 | 2.00 | 8.00 | 2.00 |" in table
-    assert "The whole grid: 3.00 CPU-hours of training (6 runs planned)." in table
+    assert "The whole grid: 3.00 CPU-hours of training, evaluation while training included (6 runs planned)." in table
     assert (tmp_path / "figures" / "sensitivity-minilm.png").stat().st_size > 10_000
