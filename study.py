@@ -468,6 +468,66 @@ def test_results(study, selection, chosen_runs, output):
     return per_query
 
 
+def thesis_cells(study, runs):
+    """The cells at the thesis's own settings, every grid flag at train.py's default for its model (Tables 4.1, 4.2):
+    in a study selected on validation, each of their checkpoints is tested too, for the thesis-protocol table."""
+    from dataclasses import asdict
+
+    import train
+
+    defaults, cells = {}, set()
+    for run in runs:
+        if run.model not in defaults:
+            script_args, training_args, _ = train.parse_args(["--model", run.model, *as_flags(study.train)])
+            defaults[run.model] = {**asdict(script_args), **training_args.to_dict()}
+        if all(defaults[run.model].get(flag) == value for flag, value in run.settings.items()):
+            cells.add(run.cell)
+    return cells
+
+
+def thesis_protocol(study, runs, output):
+    """The thesis's protocol from the same runs: each optimizer at the thesis's settings, the checkpoint with the best
+    mean over seeds on the first test data (selected on the test set: optimistic)."""
+    from report import mean_std
+    from tables import markdown_table
+
+    path = Path(output) / "eval-test" / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    cells = thesis_cells(study, runs)
+    if study.test[0] not in metrics or not cells:
+        return ""
+    first = metrics[study.test[0]]
+    measure = next(iter(primary_measures(first).values()))
+    sections = []
+    for label, group in itertools.groupby(runs, key=lambda run: run.label):
+        rows, header = [], None
+        for optimizer, members in itertools.groupby(group, key=lambda run: run.optimizer):
+            members = [run for run in members if run.cell in cells]
+            by_seed = {run.seed: {place_of(run.dir, step): first[system_of(run.dir, step)][measure]
+                                  for step in checkpoint_steps(run.dir) if system_of(run.dir, step) in first}
+                       for run in members}  # fmt: skip
+            chosen, summary = choose({"thesis": by_seed}) if members else (None, {})
+            if chosen is None:
+                continue
+            place = summary[chosen][0]
+            steps = {run.dir: next(s for s in checkpoint_steps(run.dir) if place_of(run.dir, s) == place)
+                     for run in members}  # fmt: skip
+            row, header = [optimizer, members[0].settings and ", ".join(
+                f"{SHORT.get(k, k)} {short_value(v)}" for k, v in members[0].settings.items()) or "defaults", place], [
+                "Optimizer", "Settings", f"Checkpoint (best {measure} on {study.test[0]})"]  # fmt: skip
+            for data in [d for d in study.test if d in metrics]:
+                for column, name in primary_measures(metrics[data]).items():
+                    values = [metrics[data].get(system_of(d, s), {}).get(name) for d, s in steps.items()]
+                    row.append(mean_std(values) if None not in values else "-")
+                    header.append(f"{column} ({data})")
+            rows.append(row)
+        if rows:
+            sections.append(f"## {label}: the thesis's protocol (its settings for every optimizer, the best checkpoint "
+                            f"on the test data): selected on the test set: optimistic\n\n"
+                            f"{markdown_table(header, rows)}\n")  # fmt: skip
+    return "\n".join(sections)
+
+
 def headline(study, selection, per_query):
     """Per backbone, a row per optimizer: its chosen settings, validation score and test columns (mean ± std over
     seeds), marked where it differs from the reference optimizer, Holm-corrected across the table."""
@@ -668,11 +728,14 @@ def main(argv=None):
             print(f"PLAN+=({shlex.quote(shlex.join([run.dir, run.label, *run.args]))})")
     elif command == "check":
         check(study, runs)
-    elif command == "select":
-        selection, chosen_runs = select(study, runs, output)
-        for steps in chosen_runs.values():
-            for run_dir, step in steps.items():
-                print(f"{run_dir}/checkpoint-{step}")
+    elif command == "select":  # the chosen checkpoints, and every checkpoint of the thesis's cells: the test data's
+        _, chosen_runs = select(study, runs, output)
+        chosen = [f"{run_dir}/checkpoint-{step}" for steps in chosen_runs.values() for run_dir, step in steps.items()]
+        if study.validation:
+            cells = thesis_cells(study, runs)
+            chosen += [f"{run.dir}/checkpoint-{step}" for run in runs if run.cell in cells
+                       for step in checkpoint_steps(run.dir)]  # fmt: skip
+        print("\n".join(dict.fromkeys(chosen)))
     else:
         report(study, runs, output)
 
@@ -686,7 +749,10 @@ def report(study, runs, output):
     write_atomic(output / "selection.json", json.dumps(selection, indent=2) + "\n")
     figures = plot_sensitivity(study, selection, output / "figures")
     figures += plot_chosen_curves(selection, output, output / "figures")
-    text = f"# Study {study.name} ({study.path})\n\n" + headline(study, selection, per_query) + "\n" + cost_table(runs)
+    text = f"# Study {study.name} ({study.path})\n\n" + headline(study, selection, per_query) + "\n"
+    if study.validation:
+        text += thesis_protocol(study, runs, output) + "\n"
+    text += cost_table(runs)
     write_atomic(output / "study.md", text)
     print(text)
     print(f"Wrote {output / 'selection.json'}, {output / 'study.md'} and {len(figures)} figures in {output / 'figures'}")

@@ -186,7 +186,10 @@ def test_selection_on_eval_loss_writes_the_lowest_mean_and_every_cell(tmp_path, 
     assert capsys.readouterr().out.splitlines() == [
         f"{tmp_path}/runs/minilm-adamw-lr2e-05-seed1/checkpoint-10", f"{tmp_path}/runs/minilm-adamw-lr2e-05-seed2/"
         "checkpoint-10", f"{tmp_path}/runs/minilm-lion-lr2e-06-wd0.1-seed1/checkpoint-10",
-        f"{tmp_path}/runs/minilm-lion-lr2e-06-wd0.1-seed2/checkpoint-10"]  # fmt: skip
+        f"{tmp_path}/runs/minilm-lion-lr2e-06-wd0.1-seed2/checkpoint-10",
+        # AdamW at 2e-5, MiniLM's preset, is the thesis's setting: each of its checkpoints goes to the test data too
+        f"{tmp_path}/runs/minilm-adamw-lr2e-05-seed1/checkpoint-20",
+        f"{tmp_path}/runs/minilm-adamw-lr2e-05-seed2/checkpoint-20"]  # fmt: skip
     selection, _ = study.select(study.load_study(spec), study.plan(study.load_study(spec), str(tmp_path)), tmp_path)
     adamw = selection["minilm"]["adamw"]
     assert adamw["settings"] == {"learning_rate": 2e-5} and adamw["checkpoint"] == "epoch 1"
