@@ -1,5 +1,5 @@
-"""What the test files share: the packaged pretrained MiniLM, a tiny random BERT, ../shared/data, and trainers built as
-train.py builds them."""
+"""What the test files share: the packaged pretrained MiniLM, a tiny random BERT, ../shared/data, trainers built as
+train.py builds them, and a real single-node Slurm (the `slurm` fixture, from slurm_cluster.py)."""
 
 import sys
 from pathlib import Path
@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 import train
+from slurm_cluster import slurm  # noqa: F401  (the fixture, shared)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"  # ../shared/data, never copied into the repo
