@@ -3,12 +3,14 @@ validation numbers), selection.json, the headline table with its Holm-corrected 
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 
 import study
-from conftest import REPO
+from conftest import DATA, REPO, needs_data
+from test_run_all import bash_run_all
 
 GRID = {"models": ["minilm"], "seeds": [1, 2], "validation": "eval_loss", "test": ["dl19"],
         "optimizers": {"adamw": {"learning_rate": [1e-5, 2e-5]}, "lion": {"learning_rate": [2e-6],
@@ -248,3 +250,56 @@ def test_report_writes_selection_json_the_headline_table_with_holm_the_figure_an
     assert "| minilm | adamw | 4 | 150 ± 58 | 2.00 | 8.00 | 2.00 |" in table
     assert "The whole grid: 3.00 CPU-hours of training, evaluation while training included (6 runs planned)." in table
     assert (tmp_path / "figures" / "sensitivity-minilm.png").stat().st_size > 10_000
+
+
+@needs_data
+def test_a_study_end_to_end_selects_on_validation_and_a_test_qrels_fix_changes_the_test_numbers_alone(tmp_path,
+                                                                                                      tiny_bert):
+    """bash run_all.sh --study on real MS MARCO queries (msmarco-sample, copied so its test qrels can be fixed): train
+    on `train`, choose on 40 test queries, test on the other 134; 3 cells x 2 seeds of a tiny BERT, 6 steps each."""
+    data = tmp_path / "msmarco-sample"
+    shutil.copytree(DATA / "msmarco-sample", data)
+    spec = write_spec(tmp_path, models=[tiny_bert], validation=f"{data}:test#sample40", test=[f"{data}:test#rest40"],
+                      top_k=10, optimizers={"adamw": {"learning_rate": [2e-5, 1e-3]}, "lion": {"learning_rate": [1e-4]}},
+                      train={"train_data": f"{data}:train", "negatives_per_query": 2, "max_steps": 6, "warmup_steps": 0,
+                             "max_length": 64, "logging_steps": 2, "save_strategy": "steps", "save_steps": 3})
+    output = tmp_path / "out"
+    done = bash_run_all("--study", spec, "--output", str(output))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # the selection is the best mean over seeds of the validation numbers evaluate.py wrote, per cell and checkpoint
+    validation = json.loads((output / "eval-validation" / "metrics.json").read_text())[f"{data}:test#sample40"]
+    selection = json.loads((output / "selection.json").read_text())
+    label = Path(tiny_bert).name
+    for optimizer, cells in {"adamw": ["lr2e-05", "lr0.001"], "lion": ["lr0.0001"]}.items():
+        means = {(cell, step): sum(validation[f"{label}-{optimizer}-{cell}-seed{seed}-checkpoint-{step}"]["RR@10"]
+                                   for seed in (1, 2)) / 2 for cell in cells for step in (3, 6)}  # fmt: skip
+        best = max(means, key=means.get)
+        chosen = selection[label][optimizer]
+        assert chosen["validation"]["mean"] == pytest.approx(means[best])
+        assert chosen["runs"] == [f"{label}-{optimizer}-{best[0]}-seed{seed}" for seed in (1, 2)]
+        assert chosen["checkpoint"] == f"step {best[1]}" and chosen["validation"]["metric"] == "RR@10"
+        assert len(chosen["cells"]) == len(cells) and chosen["test"][f"{data}:test#rest40"]["MRR@10"]["per_seed"]
+    tested = json.loads((output / "eval-test" / "metrics.json").read_text())[f"{data}:test#rest40"]
+    thesis = {f"{label}-adamw-lr2e-05-seed{seed}-checkpoint-{step}" for seed in (1, 2) for step in (3, 6)}
+    chosen = {f"{run}-checkpoint-{selection[label][o]['checkpoint'].split()[1]}" for o in ("adamw", "lion")
+              for run in selection[label][o]["runs"]}  # fmt: skip
+    assert set(tested) == chosen | thesis  # the test data saw the chosen checkpoints, and the thesis cell's
+    table = (output / "study.md").read_text()
+    assert f"## {label}: selected on validation" in table and "thesis's protocol" in table and "optimistic" in table
+    assert "## Cost, measured in the runs" in table and "CPU-hours" in table
+    assert (output / "figures" / f"sensitivity-{label}.png").is_file()
+
+    # a fix of the test qrels: the same command trains nothing, keeps the selection and changes the test numbers
+    qrels = data / "qrels.test.txt"
+    lines = qrels.read_text().splitlines()
+    qrels.write_text("\n".join(line.rsplit(" ", 1)[0] + " 0" if i % 2 else line for i, line in enumerate(lines)) + "\n")
+    again = bash_run_all("--study", spec, "--output", str(output))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished, skipped") == 6
+    fixed = json.loads((output / "selection.json").read_text())
+    for optimizer in ("adamw", "lion"):
+        before, after = selection[label][optimizer], fixed[label][optimizer]
+        assert {k: after[k] for k in ("settings", "checkpoint", "validation", "cells")} == {
+            k: before[k] for k in ("settings", "checkpoint", "validation", "cells")}
+        assert after["test"] != before["test"]
