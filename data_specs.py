@@ -9,13 +9,14 @@
     SPEC#sampleN       a seeded random sample of N of any SPEC's judged queries (seed 0); SPEC#sampleN-seedS another
     SPEC#restN         its complement: the other judged queries (-seedS as for #sampleN)
 
-A new kind of data: one branch in load_base. train.py's training data also comes from the hub's MS MARCO triplets
-(queries_from_hub).
+A new kind of data: one branch in load_base (and one in data_fingerprint, what evaluate.py --update compares).
+train.py's training data also comes from the hub's MS MARCO triplets (queries_from_hub).
 """
 
 import dataclasses
 import fnmatch
 import functools
+import hashlib
 import math
 import random
 import re
@@ -82,12 +83,12 @@ def load_base(spec, top_k, with_candidates=True, candidates=None, keep=None):
             dataset_id = IRDS_NAMES.get(spec, spec.removeprefix("irds:"))
             return load_irds(spec, dataset_id, top_k, with_candidates, candidates, keep)
     if candidates:
-        raise InputError(f"--candidates {spec}=...: only for ir_datasets data (a DIR:SPLIT has DIR/run.SPLIT.trec)")
+        raise candidates_of_irds_only(spec)
     if spec == MSMARCO_V11:
         with quiet_downloads(hub_id=MSMARCO_V11_HUB):
             return load_msmarco_v11(top_k)
     if ":" not in spec:
-        raise InputError(f"{spec}: unknown data, expected DIR:SPLIT, dl19, dl20, dev-small, irds:<id> or {MSMARCO_V11}")
+        raise unknown_data(spec)
     if with_candidates:
         return load_split(spec, top_k)
     queries, qrels = read_topics(split_paths(spec))  # run files need no corpus (../shared/data/trec-dl has none)
@@ -165,6 +166,46 @@ def load_msmarco_v11(top_k):
             qrels.setdefault(query_id, {})[doc_id] = int(selected)
             run.setdefault(query_id, {})[doc_id] = float(len(passages["passage_text"]) - i)  # the given order
     return Split(queries, qrels, top_candidates(run, top_k), corpus, MSMARCO_V11)
+
+
+def unknown_data(spec):
+    return InputError(f"{spec}: unknown data, expected DIR:SPLIT, dl19, dl20, dev-small, irds:<id> or {MSMARCO_V11}")
+
+
+def candidates_of_irds_only(spec):
+    return InputError(f"--candidates {spec}=...: only for ir_datasets data (a DIR:SPLIT has DIR/run.SPLIT.trec)")
+
+
+def data_fingerprint(spec, candidates=None):
+    """What a SPEC's data is, read without loading it: {"queries", "qrels", "run"} hashes, each of the whole SPEC
+    string and its source; "run" covers the candidates and their text. evaluate.py --update compares them."""
+    base = re.sub(r"#[^#/:]*$", "", spec)  # a subset (SPEC#sample500) reads the files of SPEC; the spec is hashed
+    if is_irds(base):
+        release = f"ir_datasets {ir_datasets.__version__} {IRDS_NAMES.get(base, base.removeprefix('irds:'))}"
+        run = [release, file_sha1(candidates) if candidates else None]  # the docs store's text, of the release too
+        sources = {"queries": release, "qrels": release, "run": run}
+    elif candidates:
+        raise candidates_of_irds_only(spec)
+    elif base == MSMARCO_V11:  # the name alone: a hub revision would change with a first download, not the data
+        sources = dict.fromkeys(("queries", "qrels", "run"), MSMARCO_V11_HUB)
+    elif ":" in base:
+        paths = split_paths(base)
+        run = [file_sha1(paths["run"]), file_sha1(paths["corpus"])]  # no run file: BM25 over the corpus
+        sources = {"queries": file_sha1(paths["queries"]), "qrels": file_sha1(paths["qrels"]), "run": run}
+    else:
+        raise unknown_data(spec)
+    return {part: hashlib.sha1(f"{spec}\n{part}\n{source}".encode()).hexdigest()[:16] for part, source in sources.items()}
+
+
+def file_sha1(path):
+    """The sha1 of a file's bytes (None where there is no file), read in chunks: a corpus can be gigabytes."""
+    if not Path(path).is_file():
+        return None
+    digest = hashlib.sha1()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def data_folder(spec):

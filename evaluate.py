@@ -25,7 +25,8 @@ choose settings on, dev-small#rest500 to report.
 Writes to --output_dir: `metrics.json` (data spec -> system -> measure -> value, and the p-values), and per data a
 folder with `SYSTEM.trec` (TREC run) and `SYSTEM.per_query.json`. A killed rerank leaves `SYSTEM.scored-RANK.jsonl`
 (the queries already scored); the same command again scores only the rest, and writes the same run file. A finished
-evaluation (its metrics.json) is replaced only with --overwrite_output_dir.
+evaluation (its metrics.json) is replaced only with --overwrite_output_dir (all of it) or --update, which redoes only
+what changed since (`fingerprints.json`: each data's files, each model's weights and settings) and else does nothing.
 """
 
 import glob
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 from transformers.utils.hub import cached_file
 
-from data_specs import IRDS_NAMES, MSMARCO_V11, data_folder, load_data, parse_subset
+from data_specs import IRDS_NAMES, MSMARCO_V11, data_fingerprint, data_folder, file_sha1, load_data, parse_subset
 from model_card import add_evaluations, candidate_source, evaluation_section
 from reranker import (
     InputError,
@@ -79,7 +80,7 @@ from tables import (
 )
 
 logger = logging.getLogger(__name__)
-
+FINGERPRINTS = "fingerprints.json"  # what the evaluation in an output_dir was made from; beside metrics.json
 
 
 @dataclass
@@ -121,8 +122,14 @@ class EvaluationArguments:
     output_dir: str = field(default="results/eval", metadata={"help": "Where run files and metrics.json go."})
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Replace the files of an evaluation finished in output_dir (never replaced otherwise)."},
+        metadata={"help": "Redo an evaluation finished in output_dir whole (else refused; --update: what changed)."},
     )
+    update: bool = field(
+        default=False,
+        metadata={"help": "Bring the evaluation in output_dir up to date: rerank only with the models whose weights "
+                          "or settings changed, or on data whose queries or candidates changed, and recompute the "
+                          "metrics of data whose qrels or systems changed; where nothing changed, do nothing."},
+    )  # fmt: skip
     baseline: str | None = field(
         default=None,
         metadata={"help": "System every other is tested against (default: the first model or run). BM25 always is."},
@@ -140,6 +147,8 @@ class EvaluationArguments:
     def __post_init__(self):
         if (self.models and self.run) or not (self.models or self.run or self.download_only):
             raise InputError("give either --models or --run")
+        if self.update and self.overwrite_output_dir:
+            raise InputError("--update redoes what changed, --overwrite_output_dir everything: give one of them")
         self.candidates_of = {}  # SPEC -> RUN_FILE
         for pair in self.candidates:
             spec, _, path = pair.partition("=")
@@ -197,7 +206,7 @@ def fingerprint(model):
 
 
 def load_to_score(model, device, dtype=torch.float32, parts=None):
-    """A cross-encoder on `device`, in `dtype` with an fp32 head, and its tokenizer (`parts`: checked in step 3)."""
+    """A cross-encoder on `device`, in `dtype` with an fp32 head, and its tokenizer (`parts`: checked in step 4)."""
     network, tokenizer = load_cross_encoder(model, parts=parts)
     return to_inference_dtype(network.to(device), dtype), tokenizer
 
@@ -259,6 +268,55 @@ def as_written(run):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# What an evaluation was made from (OUTPUT_DIR/fingerprints.json), so that --update redoes only what changed.
+
+
+def evaluation_fingerprints(args, names, dtype):
+    """{spec: {"data": its data_fingerprint, "metrics": measures and baseline, "systems": {name: the model's path,
+    weights and scoring settings (the side files' key), or with --run the run file's sha1}}}."""
+    settings = f"top_k={args.top_k} max_length={args.max_length} {dtype} {args.batch_tokens}"
+    if args.run:
+        systems = {name: {"run": path, "sha1": file_sha1(path)} for name, path in zip(names, args.run)}
+    else:
+        systems = {name: {"model": model, "weights": fingerprint(model), "settings": settings}
+                   for name, model in zip(names, args.models)}  # fmt: skip
+    metrics = {"measures": args.metrics, "baseline": args.baseline or next(iter(names), None)}
+    return {spec: {"data": data_fingerprint(spec, args.candidates_of.get(spec)), "metrics": metrics, "systems": systems}
+            for spec in args.data}  # fmt: skip
+
+
+def read_fingerprints(output_dir):
+    """Those of the evaluation finished in output_dir; {} where none is (one killed before it wrote them is redone)."""
+    path = output_dir / FINGERPRINTS
+    if not (output_dir / "metrics.json").is_file() or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:  # not as written (atomically): trusted no more than none
+        return {}
+
+
+def out_of_date(now, before, output_dir):
+    """-> ({spec: the models to rerank it with}, the specs whose metrics are to be computed again): a model reranks
+    anew when it, its settings, or the queries or candidates changed, or its run file is gone; metrics are recomputed
+    when anything of their spec changed, its qrels or its list of systems included."""
+    rescore, stale = {}, set()
+    for spec, current in now.items():
+        previous = before.get(spec, {"data": {}, "systems": {}})
+        folder = output_dir / data_folder(spec)
+        anew = any(value != previous["data"].get(part) for part, value in current["data"].items() if part != "qrels")
+        rescore[spec] = [
+            name
+            for name, system in current["systems"].items()
+            if "model" in system
+            and (anew or system != previous["systems"].get(name) or not (folder / f"{name}.trec").is_file())
+        ]
+        if rescore[spec] or json.dumps(current) != json.dumps(previous):  # as text: the systems' order counts too
+            stale.add(spec)
+    return rescore, stale
+
+
+# --------------------------------------------------------------------------------------------------------------------
 
 
 @exit_on_input_error
@@ -271,47 +329,71 @@ def main():
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if state.is_main_process else logging.WARNING
     )
-    finished = Path(args.output_dir) / "metrics.json"  # written last: a killed evaluation has none, and resumes
-    if finished.exists() and not args.overwrite_output_dir and not args.download_only:
-        raise InputError(f"{finished}: an evaluation is there; pass --overwrite_output_dir, or another --output_dir")
+    output_dir = Path(args.output_dir)
+    finished = output_dir / "metrics.json"  # written after the run files: a killed evaluation has none, and resumes
+    if finished.exists() and not (args.overwrite_output_dir or args.update) and not args.download_only:
+        raise InputError(f"{finished}: an evaluation is there; pass --update (redo what changed), "
+                         "--overwrite_output_dir (redo all), or another --output_dir")  # fmt: skip
     try:
         chosen_measures = [ir_measures.parse_measure(name) for name in args.metrics]
     except (NameError, ValueError) as error:
         raise InputError(f"--metrics: {one_line(error)}") from None
 
-    # 2. Data, all of it read and checked before anything is scored or written (downloaded and cached by the main
-    #    process before the others read it: ir_datasets' downloads are not safe for several processes at once)
+    # 2. What to do: everything, or with --update what changed since the evaluation in output_dir, judged from the
+    #    fingerprints alone (no data or model is loaded for an evaluation that is up to date)
+    names = [Path(path).stem for path in args.run] or [system_name(model) for model in args.models]
+    dtype = fast_dtype(state.device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    fingerprints = evaluation_fingerprints(args, names, dtype)
+    before = read_fingerprints(output_dir) if args.update else {}
+    rescore, stale = out_of_date(fingerprints, before, output_dir)
+    if not stale and list(before) == list(fingerprints) and not args.download_only:
+        if state.is_main_process:
+            print(f"{finished}: up to date, skipped")
+        leave_process_group(state)
+        return
+
+    # 3. Data, all of it read and checked before anything is scored or written (downloaded and cached by the main
+    #    process before the others read it: ir_datasets' downloads are not safe for several processes at once); the
+    #    candidates' text only where a model reranks them
     with state.main_process_first():
-        splits = {spec: load_data(spec, args.top_k, not args.run, args.candidates_of.get(spec)) for spec in args.data}
-    if args.download_only:  # and the models, through the calls of 3 and 4, so a later offline run finds them
+        splits = {
+            spec: load_data(spec, args.top_k, not args.run and bool(rescore[spec] or args.download_only),
+                            args.candidates_of.get(spec))
+            for spec in args.data
+        }  # fmt: skip
+    if args.download_only:  # and the models, through the calls of 4 and 5, so a later offline run finds them
         for model in args.models:
             load_to_score(model, "cpu")
         logger.info("Cached %s", ", ".join(args.data + args.models))
         leave_process_group(state)
         return
 
-    # 3. Systems: the given run files, or the first stage and each model (checked now, loaded in 4)
+    # 4. Systems: the given run files, or the first stage and each model (checked now, loaded in 5)
     folders = [data_folder(spec) for spec in args.data]
     if len(set(folders)) < len(folders):
         raise InputError(f"each --data writes to a folder named after it, and these clash: {', '.join(folders)}")
-    names = [Path(path).stem for path in args.run] or [system_name(model) for model in args.models]
     first_stages = set() if args.run else {first_stage_name(spec) for spec, split in splits.items() if split.ranked}
     if len(set(names)) < len(names) or first_stages & set(names):
         raise InputError(f"systems are named after their folders or files, and these clash: {', '.join(names)}")
     baseline = args.baseline or names[0]
     if baseline not in names + sorted(first_stages):
         raise InputError(f"--baseline {baseline}: not one of {', '.join(sorted(first_stages) + names)}")
-    parts = {model: cross_encoder_parts(model) for model in args.models}  # (tokenizer, config), checked
+    to_load = [model for model, name in zip(args.models, names) if any(name in rescore[spec] for spec in splits)]
+    parts = {model: cross_encoder_parts(model) for model in to_load}  # (tokenizer, config), checked
     runs = {spec: {} for spec in splits}  # spec -> system -> run
     for spec, split in splits.items():
+        first_stage = output_dir / data_folder(spec) / f"{first_stage_name(spec)}.trec"
         if args.run:
             runs[spec] = {name: read_checked_run(path, split) for name, path in zip(names, args.run)}
+        elif not rescore[spec]:  # its candidates not loaded: the first stage's row as written before, if it had one
+            runs[spec] = {first_stage.stem: read_run(first_stage)} if first_stage.is_file() else {}
         elif split.ranked:
             runs[spec][first_stage_name(spec)] = as_written(split.run)
         else:
             logger.info("%s: its candidates come without a ranking (all scores tie): no %s row", spec,
                         first_stage_name(spec))  # fmt: skip
-        checked = runs[spec] if args.run else {first_stage_name(spec): split.run}  # models answer its queries
+        # the candidates (or, not loaded, the first stage's run read back) against the qrels: the models answer those
+        checked = runs[spec] if args.run or not rescore[spec] else {first_stage_name(spec): split.run}
         for name, run in checked.items():
             answered = len(set(run) & set(split.qrels))
             if not answered:
@@ -320,25 +402,28 @@ def main():
                 logger.warning("%s: answers %d of the %d judged queries of %s; the others count as 0 (trec_eval -c)",
                                name, answered, len(split.qrels), spec)  # fmt: skip
 
-    # 4. Rerank each data's candidates with each model; killed, it resumes from the side files
-    output_dir = Path(args.output_dir)
+    # 5. Rerank each data's candidates with each model, where step 2 found them out of date (else its run file is
+    #    read back: the scores as written, so the same metrics); killed, a rerank resumes from the side files
     for model, name in zip(args.models, names):
-        dtype = fast_dtype(state.device) if args.dtype == "auto" else getattr(torch, args.dtype)
+        system = fingerprints[args.data[0]]["systems"][name]  # the same for every spec
+        for spec in [spec for spec in splits if name not in rescore[spec]]:
+            runs[spec][name] = read_run(output_dir / data_folder(spec) / f"{name}.trec")
+        if model not in parts:
+            continue
         network, tokenizer = load_to_score(model, state.device, dtype, parts[model])
-        weights = fingerprint(model)
-        for spec, split in splits.items():
+        for spec in [spec for spec in splits if name in rescore[spec]]:
             stem = output_dir / data_folder(spec) / name
             stem.parent.mkdir(parents=True, exist_ok=True)
-            settings = f"top_k={args.top_k} max_length={args.max_length} {dtype} {args.batch_tokens}"
-            key = f"{model} {weights} {spec} {settings}"
+            key = f"{model} {system['weights']} {spec} {system['settings']}"
             logger.info("Reranking %s with %s", spec, model)
-            runs[spec][name] = as_written(rerank_resumable(network, tokenizer, split, str(stem), key, args, state))
+            reranked = rerank_resumable(network, tokenizer, splits[spec], str(stem), key, args, state)
+            runs[spec][name] = as_written(reranked)
         del network
     if not state.is_main_process:
         leave_process_group(state)
         return
 
-    # 5. Metrics per query and system (judged queries only), and the paired tests against the baseline and BM25
+    # 6. Metrics per query and system (judged queries only), and the paired tests against the baseline and BM25
     metrics, per_query, columns, marks = {}, {}, {}, {}
     for spec, split in splits.items():
         measures = chosen_measures or default_measures(split.qrels)
@@ -355,31 +440,36 @@ def main():
         tested_against = [r for r in references if any(reference == r for _, reference in comparisons)]
         marks[spec] = [(BASELINE_MARK if r == baseline else FIRST_STAGE_MARK, r) for r in tested_against]
 
-    # 6. Write run files, per-query metrics and metrics.json (atomically), then drop the side files
-    for spec in splits:
+    # 7. Write what was redone: run files, per-query metrics, metrics.json, then fingerprints.json (each atomically),
+    #    and drop the side files
+    (output_dir / FINGERPRINTS).unlink(missing_ok=True)  # the files below are no longer those it describes
+    for spec in [spec for spec in splits if spec in stale]:
         folder = output_dir / data_folder(spec)
         for name, run in runs[spec].items():
-            if not args.run:
+            if name in rescore[spec] or (rescore[spec] and name not in names):  # or the first stage, loaded anew
                 write_atomic(folder / f"{name}.trec", format_run(run, re.sub(r"\s+", "_", name)))
             write_atomic(folder / f"{name}.per_query.json", json.dumps(per_query[spec][name], indent=1) + "\n")
     write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_atomic(output_dir / FINGERPRINTS, json.dumps(fingerprints, indent=2) + "\n")
     reranks = [output_dir / data_folder(spec) / name for spec in splits for name in names] if args.models else []
     for side_file in [path for stem in reranks for path in side_files(str(stem))]:
         Path(side_file).unlink()
     logger.info("Wrote %s", output_dir / "metrics.json")
 
-    # 7. Each local model folder's card gets its metrics and the first stage's (model_card.py)
+    # 8. Each local model folder's card gets its metrics and the first stage's (model_card.py), where they changed
     for model, name in zip(args.models, names):
         sections = {}
-        for spec, split in splits.items():
+        for spec, split in [(spec, split) for spec, split in splits.items() if spec in stale]:
             rows = {s: metrics[spec][s] for s in (name, first_stage_name(spec)) if s in metrics[spec]}
             base = parse_subset(spec)[0]  # a subset's candidates are its SPEC's
             source = candidate_source(base, args.top_k, args.candidates_of.get(spec), IRDS_NAMES.get(base))
-            scored_in = f"{str(dtype).removeprefix('torch.')} with --max_length {args.max_length}"  # step 4's dtype
-            sections[spec] = evaluation_section(split, rows, columns[spec], source, scored_in)
-        add_evaluations(model, sections)
+            scored_in = f"{str(dtype).removeprefix('torch.')} with --max_length {args.max_length}"  # step 5's dtype
+            scored = replace(split, run=runs[spec][name])  # its candidates, loaded or not
+            sections[spec] = evaluation_section(scored, rows, columns[spec], source, scored_in)
+        if sections:
+            add_evaluations(model, sections)
 
-    # 8. The tables, as markdown
+    # 9. The tables, as markdown
     for spec, split in splits.items():
         judged = len(next(iter(per_query[spec].values())))
         qrels_kind = "graded qrels, relevant = grade >= 2" if relevance_level(split.qrels) == 2 else "binary qrels"

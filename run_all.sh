@@ -256,19 +256,13 @@ fi
 # 2. Evaluate. The thesis's protocol: every model on every test data, and every run's checkpoints (each epoch's, by
 # default) on the data of its table, which tracked three epochs and reported each run's best. A study selected on
 # validation: every checkpoint on the validation data, then only the chosen ones on the test data.
-# evaluate_models OUTPUT_DIR "DATA" MODEL...: evaluate.py, unless OUTPUT_DIR/metrics.json is newer than every model
+# evaluate_models OUTPUT_DIR "DATA" MODEL...: evaluate.py --update, which redoes only what changed (models, data)
 evaluate_models() {
-  local output_dir=$1 data=$2 model candidates=""
+  local output_dir=$1 data=$2 pair candidates=""
   shift 2
-  for model in "$@"; do
-    if [ ! "$output_dir/metrics.json" -nt "$model/model.safetensors" ]; then  # stale: evaluated before this model
-      for pair in $CANDIDATES; do [[ " $data " != *" ${pair%%=*} "* ]] || candidates+=" $pair"; done
-      "${EVALUATE[@]}" evaluate.py --models "$@" --data $data --top_k "$TOP_K" --output_dir "$output_dir" \
-        ${candidates:+--candidates $candidates} --overwrite_output_dir
-      return
-    fi
-  done
-  echo "== $output_dir/metrics.json: up to date, skipped"
+  for pair in $CANDIDATES; do [[ " $data " != *" ${pair%%=*} "* ]] || candidates+=" $pair"; done
+  "${EVALUATE[@]}" evaluate.py --models "$@" --data $data --top_k "$TOP_K" --output_dir "$output_dir" \
+    ${candidates:+--candidates $candidates} --update
 }
 CHECKPOINTS=()
 for dir in "${RUN_DIRS[@]}"; do

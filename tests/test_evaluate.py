@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -784,6 +785,211 @@ def test_printed_table_and_metrics_json_hold_the_same_numbers_for_two_models(
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())[spec]
     for name in ("minilm-seed0", "minilm-seed1"):
         assert {m: again[name][m] for m in measures} == pytest.approx({m: metrics[name][m] for m in measures})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# --update: what changed since the evaluation in --output_dir (its fingerprints.json) is redone, and nothing else.
+
+
+def two_query_split(folder):
+    """A DIR:SPLIT `x`: q1's candidates d3, d1 and q2's d4, d2 in that order; d1 and d2 relevant, so BM25 (the run)
+    has RR@10 1/2 on both."""
+    folder.mkdir()
+    (folder / "corpus.tsv").write_text("d1\tParis is the capital of France.\nd2\tPlants make food from sunlight.\n"
+                                       "d3\tThe Eiffel tower stands in Paris.\nd4\tBananas are yellow.\n")  # fmt: skip
+    (folder / "queries.x.tsv").write_text("q1\twhat is the capital of france\nq2\thow do plants make food\n")
+    (folder / "qrels.x.txt").write_text("q1 0 d1 1\nq1 0 d3 0\nq2 0 d2 1\n")
+    (folder / "run.x.trec").write_text("q1 Q0 d3 1 2 bm25\nq1 Q0 d1 2 1 bm25\nq2 Q0 d4 1 2 bm25\nq2 Q0 d2 2 1 bm25\n")
+    return f"{folder}:x"
+
+
+def mtimes(folder):
+    return {path.relative_to(folder): path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+def reranked(monkeypatch):
+    """-> the list of (data folder, system) of each rerank evaluate.py starts from now on."""
+    calls, rerank = [], evaluate.rerank_resumable
+
+    def noted(model, tokenizer, split, stem, *args):
+        calls.append((Path(stem).parent.name, Path(stem).name))
+        return rerank(model, tokenizer, split, stem, *args)
+
+    monkeypatch.setattr(evaluate, "rerank_resumable", noted)
+    return calls
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("loaded")
+
+
+def update_argv(models, tmp_path, *specs):
+    return ["--models", *models, "--data", *specs, "--max_length", "32", "--output_dir", tmp_path / "out", "--update"]
+
+
+def test_update_with_nothing_changed_says_up_to_date_loads_nothing_and_writes_nothing(
+    minilm_folders, tmp_path, monkeypatch, capsys
+):
+    argv = update_argv(minilm_folders, tmp_path, two_query_split(tmp_path / "a"))
+    run_main(monkeypatch, capsys, *argv)  # --update where there is no evaluation yet: all of it
+    written = mtimes(tmp_path / "out")
+    assert {str(path) for path in written} >= {"metrics.json", "fingerprints.json", "a-x/minilm-seed1.trec"}
+
+    monkeypatch.setattr(evaluate, "load_to_score", refuse)
+    monkeypatch.setattr(evaluate, "load_data", refuse)
+    printed = run_main(monkeypatch, capsys, *argv)
+
+    assert printed == f"{tmp_path / 'out' / 'metrics.json'}: up to date, skipped\n"
+    assert mtimes(tmp_path / "out") == written
+
+
+def test_update_after_a_qrels_fix_recomputes_the_metrics_without_reranking(
+    minilm_folders, tmp_path, monkeypatch, capsys
+):
+    spec = two_query_split(tmp_path / "a")
+    run_main(monkeypatch, capsys, *update_argv(minilm_folders, tmp_path, spec))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())[spec]
+    assert (metrics["BM25"]["RR@10"], metrics["BM25"]["P@10"]) == (0.5, 0.1)
+    runs = {path: mtime for path, mtime in mtimes(tmp_path / "out").items() if path.suffix == ".trec"}
+
+    (tmp_path / "a" / "qrels.x.txt").write_text("q1 0 d1 1\nq1 0 d3 1\nq2 0 d2 1\n")  # d3: 0 -> 1
+    monkeypatch.setattr(evaluate, "load_to_score", refuse)
+    run_main(monkeypatch, capsys, *update_argv(minilm_folders, tmp_path, spec))
+
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())[spec]
+    assert metrics["BM25"]["RR@10"] == 0.75  # q1's first candidate d3 is relevant now: (1 + 1/2) / 2
+    assert metrics["BM25"]["P@10"] == pytest.approx(0.15)  # q1 2 of 10, q2 1 of 10
+    qrels = reranker.read_qrels(tmp_path / "a" / "qrels.x.txt")
+    for name in ("minilm-seed0", "minilm-seed1"):
+        run = reranker.read_run(tmp_path / "out" / "a-x" / f"{name}.trec")
+        assert metrics[name]["AP"] == reranker.evaluate_run(qrels, run)[0]["AP"]
+    assert {path: mtime for path, mtime in mtimes(tmp_path / "out").items() if path.suffix == ".trec"} == runs
+
+
+def test_update_after_a_queries_or_run_file_edit_reranks_that_data_only(minilm_folders, tmp_path, monkeypatch, capsys):
+    a, b = two_query_split(tmp_path / "a"), two_query_split(tmp_path / "b")
+    argv = update_argv(minilm_folders, tmp_path, a, b)
+    run_main(monkeypatch, capsys, *argv)
+    unchanged = mtimes(tmp_path / "out" / "b-x")
+    calls = reranked(monkeypatch)
+
+    (tmp_path / "a" / "queries.x.tsv").write_text("q1\tcapital of france\nq2\thow do plants make food\n")
+    run_main(monkeypatch, capsys, *argv)
+    assert calls == [("a-x", "minilm-seed0"), ("a-x", "minilm-seed1")]
+    assert mtimes(tmp_path / "out" / "b-x") == unchanged
+
+    calls.clear()
+    unchanged = mtimes(tmp_path / "out" / "a-x")
+    (tmp_path / "b" / "run.x.trec").write_text("q1 Q0 d1 1 2 bm25\nq1 Q0 d4 2 1 bm25\nq2 Q0 d2 1 2 bm25\n")
+    run_main(monkeypatch, capsys, *argv)
+    assert calls == [("b-x", "minilm-seed0"), ("b-x", "minilm-seed1")]
+    assert mtimes(tmp_path / "out" / "a-x") == unchanged
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())[b]["BM25"]["RR@10"] == 1.0  # the new run
+
+
+def test_update_after_a_model_is_retrained_or_its_run_file_lost_reranks_with_that_model_only(
+    minilm_folders, tmp_path, monkeypatch, capsys
+):
+    retrained = tmp_path / "minilm-seed1"
+    shutil.copytree(minilm_folders[1], retrained)  # its weights' mtime is the test's to change
+    spec = two_query_split(tmp_path / "a")
+    argv = update_argv([minilm_folders[0], retrained], tmp_path, spec)
+    run_main(monkeypatch, capsys, *argv)
+    calls = reranked(monkeypatch)
+
+    now = time.time_ns()
+    os.utime(retrained / "model.safetensors", ns=(now, now))  # saved again by a training run
+    run_main(monkeypatch, capsys, *argv)
+    assert calls == [("a-x", "minilm-seed1")]
+
+    calls.clear()
+    (tmp_path / "out" / "a-x" / "minilm-seed0.trec").unlink()
+    run_main(monkeypatch, capsys, *argv)
+    assert calls == [("a-x", "minilm-seed0")]
+
+    calls.clear()  # a model left out: it leaves metrics.json, and nothing is reranked
+    run_main(monkeypatch, capsys, *update_argv([retrained], tmp_path, spec))
+    assert calls == [] and list(json.loads((tmp_path / "out" / "metrics.json").read_text())[spec]) == [
+        "BM25", "minilm-seed1"]  # fmt: skip
+
+
+def test_an_update_killed_while_writing_leaves_no_fingerprints_so_the_next_redoes_everything(
+    minilm_folders, tmp_path, monkeypatch, capsys
+):
+    spec = two_query_split(tmp_path / "a")
+    argv = update_argv(minilm_folders, tmp_path, spec)
+    run_main(monkeypatch, capsys, *argv)
+    (tmp_path / "a" / "qrels.x.txt").write_text("q1 0 d1 1\nq1 0 d3 1\nq2 0 d2 1\n")
+    write_atomic = evaluate.write_atomic
+
+    def killed_at_the_fingerprints(path, text):
+        if Path(path).name == evaluate.FINGERPRINTS:
+            raise KeyboardInterrupt
+        write_atomic(path, text)
+
+    monkeypatch.setattr(evaluate, "write_atomic", killed_at_the_fingerprints)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(monkeypatch, capsys, *argv)
+    assert (tmp_path / "out" / "metrics.json").is_file() and not (tmp_path / "out" / "fingerprints.json").exists()
+
+    monkeypatch.setattr(evaluate, "write_atomic", write_atomic)
+    calls = reranked(monkeypatch)
+    run_main(monkeypatch, capsys, *argv)
+    assert calls == [("a-x", "minilm-seed0"), ("a-x", "minilm-seed1")]  # nothing of it trusted
+    assert (tmp_path / "out" / "fingerprints.json").is_file()
+
+
+def test_update_of_run_files_recomputes_when_a_run_file_changes(tmp_path, monkeypatch, capsys):
+    spec = two_query_split(tmp_path / "a")
+    system = tmp_path / "system.trec"
+    system.write_text("q1 Q0 d1 1 2 x\nq2 Q0 d2 1 2 x\n")
+    argv = ["--run", system, "--data", spec, "--output_dir", tmp_path / "out", "--update"]
+    run_main(monkeypatch, capsys, *argv)
+    assert run_main(monkeypatch, capsys, *argv).endswith(": up to date, skipped\n")
+
+    system.write_text("q1 Q0 d1 1 2 x\n")  # q2 unanswered: 0
+    run_main(monkeypatch, capsys, *argv)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())[spec]["system"]["RR@10"] == 0.5
+
+    with pytest.raises(SystemExit) as exit_info:  # redo what changed, or everything: one or the other
+        run_main(monkeypatch, capsys, *argv, "--overwrite_output_dir")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --update redoes what changed, --overwrite_output_dir everything")
+
+
+def test_data_fingerprints_change_exactly_with_the_files_they_stand_for(tmp_path):
+    spec = two_query_split(tmp_path / "a")
+    first = data_specs.data_fingerprint(spec)
+    assert list(first) == ["queries", "qrels", "run"] and data_specs.data_fingerprint(spec) == first
+    edits = [("qrels.x.txt", "q2 0 d4 0\n", "qrels"), ("queries.x.tsv", "q3\tthird\n", "queries"),
+             ("run.x.trec", "q2 Q0 d1 3 0 bm25\n", "run"), ("corpus.tsv", "d5\tmore text\n", "run")]  # fmt: skip
+    for name, line, part in edits:  # the corpus too: its text is what a model scores
+        before = data_specs.data_fingerprint(spec)
+        with open(tmp_path / "a" / name, "a") as file:
+            file.write(line)
+        after = data_specs.data_fingerprint(spec)
+        assert [p for p in first if after[p] != before[p]] == [part], name
+    before = data_specs.data_fingerprint(spec)
+    (tmp_path / "a" / "run.x.trec").unlink()  # candidates from BM25 over the corpus now
+    assert [p for p, value in data_specs.data_fingerprint(spec).items() if value != before[p]] == ["run"]
+    # a subset of a spec (SPEC#sample1) reads its files, and is other data
+    subset = data_specs.data_fingerprint(spec + "#sample1")
+    assert all(subset[p] != value for p, value in data_specs.data_fingerprint(spec).items())
+
+    # ir_datasets data: its release and id, nothing downloaded; --candidates: the run file's bytes
+    assert data_specs.data_fingerprint("dl19") == data_specs.data_fingerprint("dl19") != data_specs.data_fingerprint(
+        "dl20")  # fmt: skip
+    candidates = tmp_path / "bm25.dl19.trec"
+    candidates.write_text("19335 Q0 1017759 1 10.5 bm25\n")
+    given = data_specs.data_fingerprint("dl19", candidates)
+    assert [p for p, value in given.items() if value != data_specs.data_fingerprint("dl19")[p]] == ["run"]
+    candidates.write_text("19335 Q0 1017759 1 10.6 bm25\n")
+    assert data_specs.data_fingerprint("dl19", candidates)["run"] != given["run"]
+    assert data_specs.data_fingerprint("msmarco-v1.1-val") == data_specs.data_fingerprint("msmarco-v1.1-val")
+    with pytest.raises(reranker.InputError, match="^nope: unknown data"):
+        data_specs.data_fingerprint("nope")
+    with pytest.raises(reranker.InputError, match="only for ir_datasets data"):
+        data_specs.data_fingerprint(spec, candidates)
 
 
 # --------------------------------------------------------------------------------------------------------------------
