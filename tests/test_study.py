@@ -306,3 +306,17 @@ def test_a_study_end_to_end_selects_on_validation_and_a_test_qrels_fix_changes_t
         assert {k: after[k] for k in ("settings", "checkpoint", "validation", "cells")} == {
             k: before[k] for k in ("settings", "checkpoint", "validation", "cells")}
         assert after["test"] != before["test"]
+
+
+def test_run_all_refuses_a_bad_study_in_one_line_before_anything_runs(tmp_path, minilm):
+    output = tmp_path / "out"
+    spec = write_spec(tmp_path, models=[minilm], optimizers={"adamw": {"learning_rte": [1e-5]}})
+    done = bash_run_all("--study", spec, "--output", str(output))
+    assert (done.returncode, done.stderr) == (2, f"error: {spec}: optimizers.adamw.learning_rte: not a train.py flag\n")
+    spec = write_spec(tmp_path, models=[minilm], seeds=list(range(51)))
+    done = bash_run_all("--study", spec, "--output", str(output), "--models", minilm)
+    assert (done.returncode, done.stderr) == (2, f"error: {spec}: 153 runs, more than 100: confirm with --yes (or "
+                                                 "narrow it with --models, --optims, --seeds)\n")  # fmt: skip
+    done = bash_run_all("--study", spec, "--output", str(output), "--", "--max_steps", "3")
+    assert done.returncode == 2 and "put them in" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not output.exists()
