@@ -53,7 +53,7 @@ while [ $# -gt 0 ]; do
     *) bad_option "unknown option $1" ;;
   esac
 done
-# Checked here, not by each run: on several GPUs they would all start and fail (train.py checks the rest, below)
+# Checked here, not by each run: on several GPUs they would all start and fail (study.py checks the rest, below)
 for seed in $SEEDS; do [[ "$seed" =~ ^[0-9]+$ ]] || bad_option "--seeds: $seed is not a whole number"; done
 if [ -n "$STUDY" ]; then  # the spec says what the study is: options that would change it go in the spec
   [ "$DEMO" = 0 ] || bad_option "--demo runs studies/demo.json: not with --study"
