@@ -445,6 +445,8 @@ def test_results(study, selection, chosen_runs, output):
     metrics_path = folder / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     data_list = study.test if study.validation else study.checkpoint_test
+    first_stage = {data: metrics[data][name] for data in data_list for name in ("BM25", "given-order")
+                   if name in metrics.get(data, {})}  # fmt: skip
     per_query = {}
     for (label, optimizer), steps in chosen_runs.items():
         entry = selection[label][optimizer]
@@ -464,7 +466,7 @@ def test_results(study, selection, chosen_runs, output):
 
             runs = [json.loads((folder / data_folder(data) / f"{s}.per_query.json").read_text()) for s in systems]
             per_query[(label, optimizer, data)] = seed_averaged(runs)
-    return per_query
+    return per_query, first_stage
 
 
 def thesis_cells(study, runs):
@@ -513,12 +515,12 @@ def thesis_protocol(study, runs, output):
                      for run in members}  # fmt: skip
             row, header = [optimizer, members[0].settings and ", ".join(
                 f"{SHORT.get(k, k)} {short_value(v)}" for k, v in members[0].settings.items()) or "defaults", place], [
-                "Optimizer", "Settings", f"Checkpoint (best {measure} on {study.test[0]})"]  # fmt: skip
+                "Optimizer", "Settings", f"Checkpoint (best {measure} on {Path(study.test[0]).name})"]  # fmt: skip
             for data in [d for d in study.test if d in metrics]:
                 for column, name in primary_measures(metrics[data]).items():
                     values = [metrics[data].get(system_of(d, s), {}).get(name) for d, s in steps.items()]
                     row.append(mean_std(values) if None not in values else "-")
-                    header.append(f"{column} ({data})")
+                    header.append(f"{column} ({Path(data).name})")
             rows.append(row)
         if rows:
             sections.append(f"## {label}: the thesis's protocol (its settings for every optimizer, the best checkpoint "
@@ -527,7 +529,7 @@ def thesis_protocol(study, runs, output):
     return "\n".join(sections)
 
 
-def headline(study, selection, per_query):
+def headline(study, selection, per_query, first_stage):
     """Per backbone, a row per optimizer: its chosen settings, validation score and test columns (mean ± std over
     seeds), marked where it differs from the reference optimizer, Holm-corrected across the table."""
     from report import mean_std
@@ -552,7 +554,7 @@ def headline(study, selection, per_query):
     for label, by_optimizer in selection.items():
         data_list = list(dict.fromkeys(d for entry in by_optimizer.values() for d in entry.get("test", {})))
         header = ["Optimizer", "Settings", "Checkpoint", "Validation"]
-        header += [f"{c} ({d})" for d in data_list for c in next(e["test"][d] for e in by_optimizer.values()
+        header += [f"{c} ({Path(d).name})" for d in data_list for c in next(e["test"][d] for e in by_optimizer.values()
                                                                   if d in e.get("test", {}))]  # fmt: skip
         rows = []
         for optimizer, entry in by_optimizer.items():
@@ -565,6 +567,10 @@ def headline(study, selection, per_query):
                     p = adjusted.get((label, optimizer, data, column["measure"]))
                     row.append(mean_std(column["per_seed"]) + ("‡" if p is not None and p < ALPHA else ""))
             rows.append(row)
+        columns = [(d, c["measure"]) for d in data_list for c in next(e["test"][d] for e in by_optimizer.values()
+                                                                       if d in e.get("test", {})).values()]  # fmt: skip
+        if columns and all(d in first_stage for d, _ in columns):  # the candidates' own ranking, for scale
+            rows.insert(0, ["first stage", "", "", ""] + [f"{first_stage[d][m]:.4f}" for d, m in columns])
         sections.append(f"## {label}: selected on {how}\n\n{markdown_table(header, rows)}\n")
     seeds = max(len(e["runs"]) for b in selection.values() for e in b.values())
     note = (f"‡ differs from {REFERENCE} on the same backbone, p < {ALPHA} (two-sided paired t-test over test queries, "
@@ -592,7 +598,8 @@ def cost_table(runs):
     if not rows:
         return ""
     unit = "GPU" if kinds == {"gpu"} else "CPU" if "gpu" not in kinds else "GPU/CPU"
-    memory = "GPU memory (GiB)" if kinds == {"gpu"} else "peak memory (GiB, GPU or process RSS)"
+    memory = {frozenset({"gpu"}): "Peak GPU memory (GiB)", frozenset({"cpu_rss"}): "Peak RSS (GiB)"}.get(
+        frozenset(kinds), "Peak memory (GiB, GPU or RSS)")
     header = ["Backbone", "Optimizer", "Runs", "Training pairs/s", memory, "Optimizer state bytes/param",
               f"{unit}-hours"]  # fmt: skip
     total = (f"The whole grid: {hours:.2f} {unit}-hours of training, evaluation while training included ({len(runs)} "
@@ -631,7 +638,7 @@ def plot_sensitivity(study, selection, figures_dir):
                       color=color[optimizer])  # fmt: skip
         axes.set_xscale("log")
         axes.set(title=f"{label}: validation {metric} by learning rate (mean ± std over seeds; ○ chosen)",
-                 xlabel="learning rate", ylabel=f"{metric} ({study.selection_data})")  # fmt: skip
+                 xlabel="learning rate", ylabel=f"{metric} on {Path(study.selection_data).name}")  # fmt: skip
         axes.title.set_fontsize("small")
         axes.grid(alpha=0.3)
         axes.legend()
@@ -744,11 +751,11 @@ def report(study, runs, output):
     selection, chosen_runs = select(study, runs, output)
     if not selection:
         raise InputError(f"{output}: no run of {study.path} has a validated checkpoint: nothing to select")
-    per_query = test_results(study, selection, chosen_runs, output)
+    per_query, first_stage = test_results(study, selection, chosen_runs, output)
     write_atomic(output / "selection.json", json.dumps(selection, indent=2) + "\n")
     figures = plot_sensitivity(study, selection, output / "figures")
     figures += plot_chosen_curves(selection, output, output / "figures")
-    text = f"# Study {study.name} ({study.path})\n\n" + headline(study, selection, per_query) + "\n"
+    text = f"# Study {study.name} ({study.path})\n\n" + headline(study, selection, per_query, first_stage) + "\n"
     if study.validation:
         text += thesis_protocol(study, runs, output) + "\n"
     text += cost_table(runs)
