@@ -323,6 +323,9 @@ def main(argv=None):
     note = f"{REFERENCE_MARK} differs from {args.reference} on the same backbone, p < {ALPHA} (two-sided paired t-test"
     note += " over queries"
     table = "# Results\n\n" + "\n".join(tables) + f"\n{note}{seeds_note}).\n"
+    if checkpoints_file.is_file():  # the thesis's protocol reads each run's best checkpoint off these rows
+        table += ("Per checkpoint: a best checkpoint picked from these rows is selected on the test set: optimistic "
+                  "(a study with validation data chooses there instead: results/study.md).\n")
     write_atomic(results / "table.md", table)
 
     # 4. Training dynamics
