@@ -9,10 +9,14 @@
 #   bash run_all.sh --demo                            # offline, on a CPU, in minutes (what `make demo` runs)
 #   bash run_all.sh --download                        # where there is network: fetch what the grid needs, then
 #   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 bash run_all.sh   # on GPU nodes without it
+#   bash run_all.sh --study studies/lr-sweep.json --slurm --sbatch "--partition=gpu --time=12:00:00"   # on Slurm
+#   bash run_all.sh --study studies/lr-sweep.json --status   # each run: finished, checkpoint, queued, running, failed
 #
 # Options: --study SPEC --models "..." --optims "..." --seeds "..." (with --study they narrow it) --gpus "0 1 ..."
-# --output DIR --candidates "SPEC=RUN_FILE ..." --demo --download --yes (a grid of over 100 runs) --help; after `--`:
-# train.py flags for every run (not with --study: its "train" holds them). Re-running skips what is finished and
+# --output DIR --candidates "SPEC=RUN_FILE ..." --demo --download --yes (a grid of over 100 runs) --help; --slurm
+# (a job array of the runs left, then the evaluation: docs/slurm.md) with --sbatch "OPTIONS", --sbatch_file FILE,
+# --eval_sbatch "OPTIONS" (the evaluation job's own); --status; --no_training (evaluate the finished runs only); after
+# `--`: train.py flags for every run (not with --study: its "train" holds them). Re-running skips what is finished and
 # resumes an interrupted run from its last checkpoint; docs/study.md says more.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,13 +30,16 @@ TRAIN_FLAGS=()                          # extra train.py flags (after --)
 DEMO=0
 DOWNLOAD=0
 YES=()
+MODE=""                                 # slurm: submit to Slurm; status: every run's state (slurm_jobs.py)
+SBATCH="" SBATCH_FILE="" EVAL_SBATCH="" # sbatch options for every job (words, a file), and the evaluation job's own
+NO_TRAINING=0                           # evaluate the finished runs, name the others (the --slurm evaluation job)
 PYTHON="${PYTHON:-python}"
 
 bad_option() { echo "error: $1 (see the top of run_all.sh)" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --study | --models | --optims | --seeds | --output | --candidates | --gpus) [ $# -ge 2 ] ||
-      bad_option "$1 needs a value" ;;
+    --study | --models | --optims | --seeds | --output | --candidates | --gpus | --sbatch | --sbatch_file | \
+      --eval_sbatch) [ $# -ge 2 ] || bad_option "$1 needs a value" ;;
   esac
   case "$1" in
     --models | --optims | --seeds) [ -n "${2// /}" ] || bad_option "--models, --optims and --seeds: at least one each" ;;
@@ -48,6 +55,12 @@ while [ $# -gt 0 ]; do
     --demo) DEMO=1; shift ;;
     --download) DOWNLOAD=1; shift ;;
     --yes) YES=(--yes); shift ;;
+    --slurm | --status) [ "${MODE:-${1#--}}" = "${1#--}" ] || bad_option "--slurm and --status: one at a time"
+                        MODE=${1#--}; shift ;;
+    --sbatch) SBATCH+=" $2"; shift 2 ;;
+    --sbatch_file) SBATCH_FILE="$2"; shift 2 ;;
+    --eval_sbatch) EVAL_SBATCH+=" $2"; shift 2 ;;
+    --no_training) NO_TRAINING=1; shift ;;
     -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$(basename "$0")"; exit 0 ;;  # this header
     --) shift; TRAIN_FLAGS=("$@"); break ;;
     *) bad_option "unknown option $1" ;;
@@ -60,6 +73,17 @@ if [ -n "$STUDY" ]; then  # the spec says what the study is: options that would 
   [ -z "$CANDIDATES" ] || bad_option "--candidates: not with --study"
   [ -f "$STUDY" ] || bad_option "--study $STUDY: no such file"
 fi
+[ "$MODE" = slurm ] || [ -z "$SBATCH$SBATCH_FILE$EVAL_SBATCH" ] ||
+  bad_option "--sbatch, --sbatch_file and --eval_sbatch: only with --slurm"
+if [ -n "$MODE" ]; then
+  [ "$DOWNLOAD$NO_TRAINING" = 00 ] || bad_option "--$MODE: not with --download or --no_training"
+  [ -z "$GPUS" ] || bad_option "--gpus: not with --$MODE (a Slurm job trains on the GPUs Slurm gives it)"
+fi
+if [ "$MODE" = slurm ]; then
+  command -v sbatch > /dev/null || bad_option "--slurm: sbatch not found (run it where Slurm's commands are)"
+  [ -z "$SBATCH_FILE" ] || [ -f "$SBATCH_FILE" ] || bad_option "--sbatch_file $SBATCH_FILE: no such file"
+fi
+[ "$DOWNLOAD$NO_TRAINING" != 11 ] || bad_option "--download and --no_training: one at a time"
 
 # One look at the GPUs: how many torch sees, and whether they do bf16 (a python without torch: one line, exit 2)
 probe_error=$(mktemp)
@@ -147,6 +171,21 @@ if [ -n "${WANDB_API_KEY:-}" ] || [ -n "${WANDB_MODE:-}" ]; then
   export WANDB_PROJECT="${WANDB_PROJECT:-lion-vs-adamw-rerankers}" WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-$(basename "$OUTPUT")}"
 fi
 
+# --status: every run's state; --slurm: a job array of the runs left, then the evaluation job, which runs this script
+# again with the same options and --no_training (slurm_jobs.py, docs/slurm.md)
+slurm_jobs() { printf '%s\n' "${PLAN[@]}" | "$PYTHON" slurm_jobs.py --output "$OUTPUT" --selection "$SELECTION" "$@"; }
+if [ "$MODE" = status ]; then
+  slurm_jobs status
+  exit
+elif [ "$MODE" = slurm ]; then
+  AGAIN=(${STUDY:+--study "$STUDY"} ${MODELS:+--models "$MODELS"} ${OPTIMS:+--optims "$OPTIMS"}
+         ${SEEDS:+--seeds "$SEEDS"} --output "$OUTPUT" ${CANDIDATES:+--candidates "$CANDIDATES"}
+         $([ "$DEMO" = 0 ] || echo --demo) ${YES[@]+"${YES[@]}"} -- ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"})
+  slurm_jobs submit --name "$(basename "$SPEC" .json)" --python "$PYTHON" --report_to "$REPORT_TO" \
+    --sbatch="$SBATCH" --sbatch_file="$SBATCH_FILE" --eval_sbatch="$EVAL_SBATCH" -- "${AGAIN[@]}"
+  exit
+fi
+
 # 1. Train every configuration (skipped when its final model exists, resumed when it has a checkpoint), each on one
 # GPU; with several GPUs, one run per GPU at a time, each run's output in $OUTPUT/logs/.
 exec 3>&1  # the status lines go to the terminal, whichever way a run's output goes
@@ -173,9 +212,12 @@ train_one() {  # train_one I SLOT: the I-th run left to train, on GPU_IDS[SLOT]
     "${run[@]:2}"  # the study's arguments last: its flags win
 }
 
-RUN_DIRS=() TODO_DIRS=() TODO_LABELS=() TODO_LINES=()
+RUN_DIRS=() TODO_DIRS=() TODO_LABELS=() TODO_LINES=() UNFINISHED=()
 for line in "${PLAN[@]}"; do
   eval "run=($line)"
+  if [ "$NO_TRAINING" = 1 ] && [ ! -f "${run[0]}/model.safetensors" ]; then
+    UNFINISHED+=("${run[0]}"); continue  # --no_training: not evaluated, named at the end
+  fi
   RUN_DIRS+=("${run[0]}")
   if [ -f "${run[0]}/model.safetensors" ]; then
     echo "== ${run[0]}: finished, skipped"
@@ -183,6 +225,10 @@ for line in "${PLAN[@]}"; do
     TODO_DIRS+=("${run[0]}") TODO_LABELS+=("${run[1]}") TODO_LINES+=("$line")
   fi
 done
+if [ "$NO_TRAINING" = 1 ]; then  # every run's state, failed ones with their error (slurm_jobs.py)
+  slurm_jobs status
+  [ "${#RUN_DIRS[@]}" -gt 0 ] || { echo "error: no run has finished: nothing to evaluate" >&2; exit 1; }
+fi
 # Every configuration left to train is checked now (flags, optimizer, data, model, and for a study its validation
 # queries against its test queries), in one process, before any run starts: on several GPUs a bad one would fail
 # beside the others, or after days of them
@@ -285,4 +331,8 @@ else
   evaluate_models "$OUTPUT/eval-test" "$EVAL_DATA" "${CHOSEN[@]}"
   # 3. results/selection.json, results/study.md (the chosen settings on the test data, the cost), the figures
   "$PYTHON" study.py report "${STUDY_ARGS[@]}"
+fi
+if [ "${#UNFINISHED[@]}" -gt 0 ]; then  # --no_training: the report covers the finished runs; the rest are named
+  echo "error: ${#UNFINISHED[@]} run(s) not finished, not evaluated: ${UNFINISHED[*]}" >&2
+  exit 1
 fi

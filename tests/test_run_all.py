@@ -370,7 +370,9 @@ def test_an_optimizer_or_flag_train_py_refuses_stops_the_grid_with_its_one_line_
 
 def test_help_prints_the_header_and_runs_nothing(tmp_path):
     done = bash_run_all("--output", str(tmp_path / "out"), "--help")
-    header = [line.removeprefix("#").removeprefix(" ") for line in (REPO / "run_all.sh").read_text().splitlines()[1:16]]
+    lines = (REPO / "run_all.sh").read_text().splitlines()
+    header = [line.removeprefix("#").removeprefix(" ") for line in lines[1 : next(i for i, line in enumerate(lines)
+                                                                                 if not line.startswith("#"))]]  # fmt: skip
     assert (done.returncode, done.stderr, done.stdout.splitlines()) == (0, "", header)
     assert header[0].startswith("A study in one command") and header[-1].startswith("resumes an interrupted run")
     assert not (tmp_path / "out").exists()
