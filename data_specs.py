@@ -179,7 +179,7 @@ def candidates_of_irds_only(spec):
 def data_fingerprint(spec, candidates=None):
     """What a SPEC's data is, read without loading it: {"queries", "qrels", "run"} hashes, each of the whole SPEC
     string and its source; "run" covers the candidates and their text. evaluate.py --update compares them."""
-    base = re.sub(r"#[^#/:]*$", "", spec)  # a subset (SPEC#sample500) reads the files of SPEC; the spec is hashed
+    base = parse_subset(spec)[0]  # a subset (SPEC#sample500) reads the files of SPEC; the spec is hashed
     if is_irds(base):
         release = f"ir_datasets {ir_datasets.__version__} {IRDS_NAMES.get(base, base.removeprefix('irds:'))}"
         run = [release, file_sha1(candidates) if candidates else None]  # the docs store's text, of the release too

@@ -11,6 +11,7 @@ backbone; the same per checkpoint where run_all.sh evaluated them into results/e
 gradient norm (thesis Figures 5.1-5.10), and a bar chart of the table's metrics.
 """
 
+import functools
 import json
 import re
 import statistics
@@ -123,13 +124,18 @@ def checkpoint_places(systems, runs_dir):
     places = {}
     for system in [s for s in systems if "-checkpoint-" in s]:  # not the first stage's row (BM25)
         run, _, step = system.rpartition("-checkpoint-")
-        state = runs_dir / run / f"checkpoint-{step}" / "trainer_state.json"
-        epoch = read_json(state).get("epoch") if state.is_file() else None
-        ends_epoch = bool(epoch) and float(epoch).is_integer()
-        places[system] = (run, f"epoch {int(epoch)}" if ends_epoch else f"step {step}")
+        places[system] = (run, checkpoint_place(runs_dir / run, step))
     runs = list(dict.fromkeys(run for run, _ in places.values()))
     order = sorted(places, key=lambda system: (runs.index(places[system][0]), int(system.rpartition("-")[2])))
     return {system: places[system] for system in order}
+
+
+@functools.cache
+def checkpoint_place(run_dir, step):
+    """`epoch N` where checkpoint-STEP ends an epoch (its trainer_state.json says so), else `step STEP`."""
+    state = Path(run_dir) / f"checkpoint-{step}" / "trainer_state.json"
+    epoch = read_json(state).get("epoch") if state.is_file() else None
+    return f"epoch {int(epoch)}" if epoch and float(epoch).is_integer() else f"step {step}"
 
 
 def mean_std(values):

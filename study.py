@@ -332,10 +332,10 @@ def metric_of(study, metrics_of_data):
 
 
 def place_of(run_dir, step):
-    """`epoch N` where checkpoint-STEP ends an epoch (its trainer_state.json says so), else `step STEP`."""
-    state = Path(run_dir) / f"checkpoint-{step}" / "trainer_state.json"
-    epoch = json.loads(state.read_text()).get("epoch") if state.is_file() else None
-    return f"epoch {int(epoch)}" if epoch and float(epoch).is_integer() else f"step {step}"
+    """`epoch N` or `step N` (report.py's names for checkpoints), read once per checkpoint."""
+    from report import checkpoint_place
+
+    return checkpoint_place(str(run_dir), step)
 
 
 def checkpoint_steps(run_dir):
