@@ -29,12 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cli import InputError, one_line
 from reranker import (
-    InputError,
     Split,
     first_stage_top,
     load_split,
-    one_line,
     quiet_downloads,
     read_fields,
     read_run,

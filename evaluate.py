@@ -45,27 +45,24 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 from transformers.utils.hub import cached_file
 
+from cli import InputError, exit_on_input_error, one_line, write_atomic
 from data_specs import IRDS_NAMES, MSMARCO_V11, data_fingerprint, data_folder, file_sha1, load_data, parse_subset
 from model_card import add_evaluations, candidate_source, evaluation_section
 from reranker import (
-    InputError,
     cpu_only,
     cross_encoder_parts,
     default_measures,
     evaluate_run,
-    exit_on_input_error,
     fast_dtype,
     format_run,
     leave_process_group,
     load_cross_encoder,
-    one_line,
     query_chunks,
     read_fields,
     read_run,
     relevance_level,
     reranks,
     to_inference_dtype,
-    write_atomic,
 )
 from tables import (
     BASELINE_MARK,

@@ -24,7 +24,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from reranker import PRESETS, relevance_level, split_paths, write_atomic
+from cli import write_atomic
+from reranker import PRESETS, relevance_level, split_paths
 
 logger = logging.getLogger(__name__)
 

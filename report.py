@@ -24,8 +24,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
+from cli import InputError, exit_on_input_error, write_atomic  # noqa: E402
 from data_specs import data_folder  # noqa: E402
-from reranker import InputError, exit_on_input_error, measures_at, write_atomic  # noqa: E402
+from reranker import measures_at  # noqa: E402
 from tables import (  # noqa: E402
     ALPHA,
     COLUMNS,

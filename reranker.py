@@ -9,8 +9,6 @@ import functools
 import logging
 import math
 import os
-import sys
-import tempfile
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,6 +25,8 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.tokenization_utils_base import TruncationStrategy
 from transformers.utils import PaddingStrategy
+
+from cli import InputError, one_line
 
 # --------------------------------------------------------------------------------------------------------------------
 # Thesis presets (Table 4.1). Everything not listed here is shared by all three (Table 4.2) and lives in train.py.
@@ -57,16 +57,7 @@ def preset_for(model: str) -> Preset:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Bad input: one line naming the file and line, exit code 2, no traceback.
-
-
-class InputError(Exception):
-    """Bad user input. Scripts print it as one line and exit with code 2."""
-
-
-def one_line(error):
-    """The gist of a library's exception, on one line."""
-    return " ".join(str(error.args[0] if error.args else type(error).__name__).split())
+# Bad input: one line naming the file and line, exit code 2, no traceback (cli.py).
 
 
 @contextmanager
@@ -113,17 +104,6 @@ def leave_process_group(state):
     fails a finished run. A no-op for one process."""
     state.wait_for_everyone()
     state.destroy_process_group()
-
-
-def exit_on_input_error(main):
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except InputError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -239,15 +219,6 @@ def format_run(run, tag):
         for query_id in sorted(run)
         for rank, doc_id in enumerate(ranking(run[query_id]), 1)
     )
-
-
-def write_atomic(path, text):
-    """Write a whole file or nothing: a killed run never leaves a half-written result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

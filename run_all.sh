@@ -85,9 +85,12 @@ if [ "$MODE" = slurm ]; then
 fi
 [ "$DOWNLOAD$NO_TRAINING" != 11 ] || bad_option "--download and --no_training: one at a time"
 
-# One look at the GPUs: how many torch sees, and whether they do bf16 (a python without torch: one line, exit 2)
+# One look at the GPUs: how many torch sees, and whether they do bf16 (a python without torch: one line, exit 2);
+# --status reads files only, and answers in a second without it
 probe_error=$(mktemp)
-if ! gpu_probe=$("$PYTHON" -c "import torch
+if [ "$MODE" = status ]; then
+  gpu_probe="0 False"
+elif ! gpu_probe=$("$PYTHON" -c "import torch
 print(torch.cuda.device_count(), torch.cuda.is_available() and torch.cuda.is_bf16_supported())" 2> "$probe_error"); then
   echo "error: $PYTHON: $(tail -n 1 "$probe_error") (run_all.sh needs the python of requirements.txt: activate its" \
     "environment or set PYTHON=...)" >&2
@@ -178,6 +181,14 @@ if [ "$MODE" = status ]; then
   slurm_jobs status
   exit
 elif [ "$MODE" = slurm ]; then
+  # the runs left checked before they queue (flags, types, validation queries against test queries; models and
+  # training data are the GPU nodes' to load): a bad one would otherwise fail in every task, after the wait
+  for line in "${PLAN[@]}"; do
+    eval "run=($line)"
+    [ -f "${run[0]}/model.safetensors" ] && continue
+    "$PYTHON" study.py check --no_load "${STUDY_ARGS[@]}" -- ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} || exit 2
+    break
+  done
   AGAIN=(${STUDY:+--study "$STUDY"} ${MODELS:+--models "$MODELS"} ${OPTIMS:+--optims "$OPTIMS"}
          ${SEEDS:+--seeds "$SEEDS"} --output "$OUTPUT" ${CANDIDATES:+--candidates "$CANDIDATES"}
          $([ "$DEMO" = 0 ] || echo --demo) ${YES[@]+"${YES[@]}"} -- ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"})

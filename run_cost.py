@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from reranker import write_atomic
+from cli import write_atomic
 
 logger = logging.getLogger("train")
 

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reranker import InputError, exit_on_input_error
+from cli import InputError, exit_on_input_error
 
 SIGNAL_SECONDS = 300  # TERM this long before the time limit: the step under way, its checkpoint, Slurm's 30-s check
 MEMORY = "32G"  # asked for by every job: without --mem a job may hold a whole node's memory (docs/slurm.md)

@@ -28,7 +28,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
-from reranker import InputError, leave_process_group
+from cli import InputError
+from reranker import leave_process_group
 
 logger = logging.getLogger("train")
 

@@ -3,6 +3,7 @@ chosen ones reported once on the test data. run_all.sh runs it: `bash run_all.sh
 
     python study.py plan   --study studies/lr-sweep.json --output results   # the runs, as shell lines for run_all.sh
     python study.py check  --study studies/lr-sweep.json                    # every configuration: flags, data, model
+    python study.py check  --study studies/lr-sweep.json --no_load          # the same without loading models, pairs
     python study.py select --study studies/lr-sweep.json --output results   # the checkpoints the test data scores
     python study.py report --study studies/lr-sweep.json --output results   # selection.json, study.md, figures
 
@@ -20,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reranker import InputError, exit_on_input_error, write_atomic
+from cli import InputError, exit_on_input_error, write_atomic
 
 DEFAULT_STUDY = "studies/thesis.json"
 CONFIRM_RUNS = 100  # a grid larger than this is refused unless confirmed (--yes): ~days of GPU time a mistake
@@ -279,8 +280,10 @@ def check_flags(study):
                     raise InputError(f"{study.path}: {where}.{flag}: {json.dumps(value)} is not a valid {kind}")
 
 
-def check(study, runs):
-    """What `train.py --check_only` checks, for every configuration at once: flags, model, data."""
+def check(study, runs, load=True):
+    """What `train.py --check_only` checks, for every configuration at once: flags, model, data. load=False (`check
+    --no_load`, before a Slurm submission): all but loading the models and training data, which the submitting node
+    may not have where the GPU nodes do."""
     import functools
 
     import train
@@ -298,21 +301,23 @@ def check(study, runs):
             continue
         checked.add(configuration)
         script_args, _, preset = train.parse_args(run.args)
-        load_model(preset.model_name_or_path, script_args.classifier_pooling)
+        if load:
+            load_model(preset.model_name_or_path, script_args.classifier_pooling)
         group_size = script_args.group_size if train.LOSSES[script_args.loss].grouped else 1
-        if script_args.train_data != train.MSMARCO_HUB:  # the hub's pairs: GBs, read by the run itself
+        if load and script_args.train_data != train.MSMARCO_HUB:  # the hub's pairs: GBs, read by the run itself
             load_examples(script_args.train_data, script_args.max_train_pairs, script_args.negatives_per_query,
                           group_size)  # fmt: skip
         if study.validation == "eval_loss" and not script_args.eval_pairs:
             raise InputError(f'{study.path}: validation "eval_loss" needs held-out pairs: give train.eval_pairs')
-    data = [] if study.validation in (None, "eval_loss") else [study.validation]
-    queries = {spec: set(load_data(spec, study.top_k, with_candidates=False).qrels) for spec in data + study.test}
-    for spec in data:
-        for test in study.test:
-            shared = queries[spec] & queries[test]
-            if shared:
-                raise InputError(f"{study.path}: validation {spec} and test {test} share {len(shared)} queries (e.g. "
-                                 f"{sorted(shared)[0]}): select on queries the test never sees")  # fmt: skip
+    if study.validation in (None, "eval_loss"):
+        return  # no validation queries to keep apart from the test's
+    queries = {spec: set(load_data(spec, study.top_k, with_candidates=False).qrels)
+               for spec in [study.validation, *study.test]}  # fmt: skip
+    for test in study.test:
+        shared = queries[study.validation] & queries[test]
+        if shared:
+            raise InputError(f"{study.path}: validation {study.validation} and test {test} share {len(shared)} "
+                             f"queries (e.g. {sorted(shared)[0]}): select on queries the test never sees")  # fmt: skip
 
 
 # 4. Selection on validation: per backbone and optimizer, the checkpoint and then the cell with the best mean over
@@ -681,7 +686,7 @@ def plot_chosen_curves(selection, output, figures_dir):
 
 def parse_command_line(argv):
     """study.py COMMAND [--study SPEC] [--output DIR] [--models "..."] [--optims "..."] [--seeds "..."] [--demo]
-    [--yes] [-- train.py flags]."""
+    [--yes] [--no_load] [-- train.py flags]."""
     command, *rest = argv or ["--help"]
     options = {"--study": None, "--output": "results", "--models": "", "--optims": "", "--seeds": ""}
     flags, train_flags = set(), []
@@ -692,7 +697,7 @@ def parse_command_line(argv):
             break
         if word in options and rest:
             options[word] = rest.pop(0)
-        elif word in ("--yes", "--open"):
+        elif word in ("--yes", "--open", "--no_load"):
             flags.add(word)
         else:
             raise InputError(f"study.py: unknown option {word}")
@@ -733,7 +738,7 @@ def main(argv=None):
         for run in runs:
             print(f"PLAN+=({shlex.quote(shlex.join([run.dir, run.label, *run.args]))})")
     elif command == "check":
-        check(study, runs)
+        check(study, runs, load="--no_load" not in flags)
     elif command == "select":  # the chosen checkpoints, and every checkpoint of the thesis's cells: the test data's
         _, chosen_runs = select(study, runs, output)
         chosen = [f"{run_dir}/checkpoint-{step}" for steps in chosen_runs.values() for run_dir, step in steps.items()]

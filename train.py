@@ -25,12 +25,13 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.training_args import OptimizerNames
 
 import stop_and_resume
+from cli import InputError, exit_on_input_error, one_line, write_atomic
 from cpu_fast_path import keep_freed_memory, use_cpu_fast_path
 from data_specs import HUB_TRAIN_PAIRS, MSMARCO_HUB, hub_datasets, load_data, load_training_split, queries_from_hub
 from model_card import CheckpointCards, write_trainer_card
-from reranker import (PRESETS, InputError, bf16_gpu, collate_pairs, cpu_only, cross_encoder_parts, exit_on_input_error,
-                      leave_process_group, load_cross_encoder, one_line, preset_for, ranking, read_fields,
-                      relevance_level, warn_if_no_gpu_where_one_was_named, write_atomic)  # fmt: skip
+from reranker import (PRESETS, bf16_gpu, collate_pairs, cpu_only, cross_encoder_parts, leave_process_group,
+                      load_cross_encoder, preset_for, ranking, read_fields, relevance_level,
+                      warn_if_no_gpu_where_one_was_named)  # fmt: skip
 from run_cost import RunCost
 from validation import hold_out, length_order, rerank_metrics, tokenize_pairs, validation_set
 

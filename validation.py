@@ -7,8 +7,9 @@ import random
 import datasets
 import ir_measures
 
+from cli import InputError
 from data_specs import load_data
-from reranker import InputError, encode_pairs, evaluate_run, relevance_level, scores_from_logits
+from reranker import encode_pairs, evaluate_run, relevance_level, scores_from_logits
 
 HOLD_OUT_SEED = 0  # the same held-out pairs for every --seed, so their evaluation losses compare
 

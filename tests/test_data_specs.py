@@ -13,7 +13,7 @@ import evaluate  # the repo's evaluate.py, not Hugging Face's package
 import model_card
 import train
 from conftest import DATA, needs_data
-from reranker import InputError
+from cli import InputError
 
 TEST = f"{DATA}/msmarco-sample:test"  # 191 queries, 174 of them judged
 TRAIN = f"{DATA}/msmarco-sample:train"  # 317 queries, 279 judged, each with a positive

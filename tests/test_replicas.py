@@ -24,7 +24,7 @@ import pytest
 import data_specs
 import reranker
 from conftest import REPO
-from reranker import InputError
+from cli import InputError
 
 
 @pytest.fixture

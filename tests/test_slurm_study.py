@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import slurm_jobs
 import study
 import train
-from reranker import InputError
+from cli import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = os.environ.get("PYTHON", sys.executable)
@@ -246,6 +246,24 @@ def test_slurm_submits_the_thesis_grid_as_an_array_of_one_gpu_task_per_run_then_
     assert [line.split()[0] for line in (out / "logs" / "slurm" / "103.plan").read_text().splitlines()] == [
         f"{out}/runs/{run}" for run in ("gte-lion", "modernbert-adamw", "modernbert-lion")]  # fmt: skip
     assert "--dependency=afterany:101:103:102" in (tmp_path / "sbatch-104").read_text().splitlines()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"validation": "data/demo:test#sample5"}, "validation data/demo:test#sample5 and test data/demo:test share 5 "
+      "queries (e.g. "),
+     ({"optimizers": {"adamw": {"learning_rat": [1e-5]}}}, "optimizers.adamw.learning_rat: not a train.py flag"),
+     ({"train": {"max_steps": "ten"}}, 'train.max_steps: "ten" is not a valid int')],
+)  # fmt: skip
+def test_slurm_checks_the_runs_left_before_submitting_anything_without_loading_a_model(tmp_path, change, message):
+    env = stand_in_slurm(tmp_path)  # "minilm": a hub id not in this machine's caches, never loaded
+    spec = {"models": ["minilm"], "seeds": [1], "optimizers": {"adamw": {"learning_rate": [1e-5]}},
+            "validation": "data/demo:train#sample5", "test": ["data/demo:test"], **change}  # fmt: skip
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    done = run_all("--study", tmp_path / "spec.json", "--output", tmp_path / "out", "--slurm", env=env)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and errors[0].startswith(f"error: {tmp_path / 'spec.json'}: {message}"), done.stderr
+    assert (len(errors), list(tmp_path.glob("sbatch-*"))) == (1, [])  # one line, nothing submitted
 
 
 def test_slurm_with_every_run_finished_submits_the_evaluation_alone_then_nothing_once_it_is_done(

@@ -20,7 +20,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 
 import stop_and_resume
 import train
-from reranker import InputError, load_split, rerank
+from cli import InputError
+from reranker import load_split, rerank
 
 
 def wait_for_checkpoint(process, checkpoint):

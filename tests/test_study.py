@@ -4,6 +4,8 @@ validation numbers), selection.json, the headline table with its Holm-corrected 
 import json
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,14 @@ def planned(lines):
     """The PLAN+=('...') lines -> each run's words: folder, label, train.py arguments."""
     return [shlex.split(shlex.split(line.removeprefix("PLAN+=(").removesuffix(")"))[0]) for line in lines
             if line.startswith("PLAN+=")]  # fmt: skip
+
+
+def test_plan_and_status_import_no_torch_so_each_run_all_call_costs_no_model_libraries(tmp_path):
+    """run_all.sh calls study.py plan on every start and slurm_jobs.py for --status: importing torch and transformers
+    cost ~3 s a call, more than the answer."""
+    code = "import sys, study, slurm_jobs; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr[-2000:]
 
 
 def test_runs_are_named_from_their_settings_and_carry_the_spec_flags(tmp_path, capsys):

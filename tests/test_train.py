@@ -25,7 +25,8 @@ from transformers import (
 import data_specs
 import stop_and_resume
 import train
-from reranker import PRESETS, InputError, Preset, evaluate_run, load_split, rerank
+from cli import InputError
+from reranker import PRESETS, Preset, evaluate_run, load_split, rerank
 
 
 def state_bytes_per_parameter(optimizer, model):
