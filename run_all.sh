@@ -183,12 +183,7 @@ if [ "$MODE" = status ]; then
 elif [ "$MODE" = slurm ]; then
   # the runs left checked before they queue (flags, types, validation queries against test queries; models and
   # training data are the GPU nodes' to load): a bad one would otherwise fail in every task, after the wait
-  for line in "${PLAN[@]}"; do
-    eval "run=($line)"
-    [ -f "${run[0]}/model.safetensors" ] && continue
-    "$PYTHON" study.py check --no_load "${STUDY_ARGS[@]}" -- ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} || exit 2
-    break
-  done
+  "$PYTHON" study.py check --no_load "${STUDY_ARGS[@]}" -- ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} || exit 2
   AGAIN=(${STUDY:+--study "$STUDY"} ${MODELS:+--models "$MODELS"} ${OPTIMS:+--optims "$OPTIMS"}
          ${SEEDS:+--seeds "$SEEDS"} --output "$OUTPUT" ${CANDIDATES:+--candidates "$CANDIDATES"}
          $([ "$DEMO" = 0 ] || echo --demo) ${YES[@]+"${YES[@]}"} -- ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"})
@@ -242,7 +237,7 @@ if [ "$NO_TRAINING" = 1 ]; then  # every run's state, failed ones with their err
 fi
 # Every configuration left to train is checked now (flags, optimizer, data, model, and for a study its validation
 # queries against its test queries), in one process, before any run starts: on several GPUs a bad one would fail
-# beside the others, or after days of them
+# beside the others, or after days of them (none with --no_training)
 [ "${#TODO_DIRS[@]}" = 0 ] || "$PYTHON" study.py check "${STUDY_ARGS[@]}" -- ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} ||
   exit 2
 # Each run trains in a worker, a process group of its own (set -m), so that Ctrl-C or a TERM (a batch system's time

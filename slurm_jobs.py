@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from cli import InputError, exit_on_input_error
@@ -55,12 +56,17 @@ def read_queue(required):
     command = ["squeue", f"--user={getpass.getuser()}", "--array", "--noheader", "--format=%F %K %T"]  # %A: a task's id
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        why = failure(done)
         if required:
             raise InputError(f"--slurm: squeue failed ({why}): cannot tell which runs are queued, nothing submitted")
         print(f"note: squeue failed ({why}): queued and running jobs not shown", file=sys.stderr)
         return None
     return [tuple(line.split()[:3]) for line in done.stdout.splitlines() if len(line.split()) >= 3]
+
+
+def failure(done):
+    """A failed Slurm command's last word on it: its stderr's last line, else its exit code."""
+    return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
 
 
 def read_jobs(output, queue):
@@ -143,10 +149,8 @@ def status(runs, output, selection, queue):
     states = {run_dir: run_state(run_dir, output, jobs.get(run_dir)) for run_dir, _ in runs}
     lines = [f"{run_dir}: {state}" for run_dir, state in states.items()]
     lines.append(f"evaluation: {evaluation_state(output, selection, list(states), evaluation)}")
-    counts = {}
-    for state in states.values():
-        word = re.match(r"finished|queued|running|failed|checkpoint|started|not started", state).group()
-        counts[word] = counts.get(word, 0) + 1
+    counts = Counter(re.match(r"finished|queued|running|failed|checkpoint|started|not started", state).group()
+                     for state in states.values())  # fmt: skip
     names = {"checkpoint": "with a checkpoint", "started": "started without a checkpoint"}
     lines.append(f"== {len(runs)} runs: " + ", ".join(f"{n} {names.get(w, w)}" for w, n in counts.items()))
     return lines
@@ -268,8 +272,7 @@ def sbatch(command, what):
     print("== " + shlex.join(command), flush=True)
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        raise InputError(f"sbatch refused {what}: {why}")
+        raise InputError(f"sbatch refused {what}: {failure(done)}")
     return done.stdout.strip().split(";")[0]
 
 

@@ -199,6 +199,11 @@ def resolve(model):
     return Path(model.rstrip("/")).name, model
 
 
+def settings_text(settings):
+    """A cell's settings in a table: `lr 5e-06, wd 0.1`, or `defaults`."""
+    return ", ".join(f"{SHORT.get(k, k)} {short_value(v)}" for k, v in settings.items()) or "defaults"
+
+
 def short_value(value):
     if isinstance(value, float):
         return f"{value:g}"
@@ -284,6 +289,9 @@ def check(study, runs, load=True):
     """What `train.py --check_only` checks, for every configuration at once: flags, model, data. load=False (`check
     --no_load`, before a Slurm submission): all but loading the models and training data, which the submitting node
     may not have where the GPU nodes do."""
+    left = [run for run in runs if not (Path(run.dir) / "model.safetensors").is_file()]
+    if not left:
+        return  # nothing left to train: nothing to check
     import functools
 
     import train
@@ -295,7 +303,7 @@ def check(study, runs, load=True):
                                                                             classifier_pooling=pooling))  # fmt: skip
     load_examples = functools.cache(train.load_examples)
     checked = set()
-    for run in [run for run in runs if not (Path(run.dir) / "model.safetensors").is_file()]:  # left to train
+    for run in left:
         configuration = (run.model, run.optimizer, json.dumps(run.settings))  # the seeds of a cell: the same flags
         if configuration in checked:
             continue
@@ -444,6 +452,7 @@ def primary_measures(metrics_of_data):
 def test_results(study, selection, chosen_runs, output):
     """Into each selection entry: "test" {data: {column: {mean, std, per_seed}}}; -> per-query values averaged over
     seeds {(backbone, optimizer, data): {query_id: {measure: value}}} for the paired tests."""
+    from data_specs import data_folder
     from report import seed_averaged
 
     folder = Path(output) / ("eval-test" if study.validation else "eval-checkpoints")
@@ -467,8 +476,6 @@ def test_results(study, selection, chosen_runs, output):
                 entry["test"][data][column] = {"measure": measure, "mean": statistics.mean(values),
                                                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                                                "per_seed": values}  # fmt: skip
-            from data_specs import data_folder
-
             runs = [json.loads((folder / data_folder(data) / f"{s}.per_query.json").read_text()) for s in systems]
             per_query[(label, optimizer, data)] = seed_averaged(runs)
     return per_query, first_stage
@@ -518,9 +525,8 @@ def thesis_protocol(study, runs, output):
             place = summary[chosen][0]
             steps = {run.dir: next(s for s in checkpoint_steps(run.dir) if place_of(run.dir, s) == place)
                      for run in members}  # fmt: skip
-            row, header = [optimizer, members[0].settings and ", ".join(
-                f"{SHORT.get(k, k)} {short_value(v)}" for k, v in members[0].settings.items()) or "defaults", place], [
-                "Optimizer", "Settings", f"Checkpoint (best {measure} on {Path(study.test[0]).name})"]  # fmt: skip
+            row = [optimizer, settings_text(members[0].settings), place]
+            header = ["Optimizer", "Settings", f"Checkpoint (best {measure} on {Path(study.test[0]).name})"]
             for data in [d for d in study.test if d in metrics]:
                 for column, name in primary_measures(metrics[data]).items():
                     values = [metrics[data].get(system_of(d, s), {}).get(name) for d, s in steps.items()]
@@ -558,24 +564,22 @@ def headline(study, selection, per_query, first_stage):
     sections = []
     for label, by_optimizer in selection.items():
         data_list = list(dict.fromkeys(d for entry in by_optimizer.values() for d in entry.get("test", {})))
-        header = ["Optimizer", "Settings", "Checkpoint", "Validation"]
-        header += [f"{c} ({Path(d).name})" for d in data_list for c in next(e["test"][d] for e in by_optimizer.values()
-                                                                  if d in e.get("test", {}))]  # fmt: skip
+        shown = [(data, column, info["measure"]) for data in data_list  # each data's columns, as its first entry has
+                 for column, info in next(e["test"][data] for e in by_optimizer.values()
+                                          if data in e.get("test", {})).items()]  # fmt: skip
+        header = ["Optimizer", "Settings", "Checkpoint", "Validation"] + [f"{c} ({Path(d).name})" for d, c, _ in shown]
         rows = []
         for optimizer, entry in by_optimizer.items():
             validation = entry["validation"]
-            settings = ", ".join(f"{SHORT.get(k, k)} {short_value(v)}" for k, v in entry["settings"].items())
-            row = [optimizer, settings or "defaults", entry["checkpoint"],
+            row = [optimizer, settings_text(entry["settings"]), entry["checkpoint"],
                    f"{validation['metric']} {mean_std(validation['per_seed'])}"]  # fmt: skip
             for data in data_list:
                 for column in entry.get("test", {}).get(data, {}).values():
                     p = adjusted.get((label, optimizer, data, column["measure"]))
                     row.append(mean_std(column["per_seed"]) + ("‡" if p is not None and p < ALPHA else ""))
             rows.append(row)
-        columns = [(d, c["measure"]) for d in data_list for c in next(e["test"][d] for e in by_optimizer.values()
-                                                                       if d in e.get("test", {})).values()]  # fmt: skip
-        if columns and all(d in first_stage for d, _ in columns):  # the candidates' own ranking, for scale
-            rows.insert(0, ["first stage", "", "", ""] + [f"{first_stage[d][m]:.4f}" for d, m in columns])
+        if shown and all(d in first_stage for d, _, _ in shown):  # the candidates' own ranking, for scale
+            rows.insert(0, ["first stage", "", "", ""] + [f"{first_stage[d][m]:.4f}" for d, _, m in shown])
         sections.append(f"## {label}: selected on {how}\n\n{markdown_table(header, rows)}\n")
     seeds = max(len(e["runs"]) for b in selection.values() for e in b.values())
     note = (f"‡ differs from {REFERENCE} on the same backbone, p < {ALPHA} (two-sided paired t-test over test queries, "
@@ -593,13 +597,14 @@ def cost_table(runs):
         costs = [json.loads(p.read_text()) for run in group if (p := Path(run.dir) / "cost.json").is_file()]
         if not costs:
             continue
-        hours += sum(c["device_hours"] for c in costs)
+        group_hours = sum(c["device_hours"] for c in costs)
+        hours += group_hours
         kinds |= {c["memory_kind"] for c in costs}
         peak = max(c["peak_memory_bytes"] for c in costs) / 2**30
         speeds = [c["pairs_per_second"] for c in costs]
         speed = f"{statistics.mean(speeds):.0f}" + (f" ± {statistics.stdev(speeds):.0f}" if len(speeds) > 1 else "")
-        rows.append([label, optimizer, str(len(costs)), speed, f"{peak:.2f}", f"{statistics.mean(c['optimizer_state_bytes_per_param'] for c in costs):.2f}",
-            f"{sum(c['device_hours'] for c in costs):.2f}"])  # fmt: skip
+        state_bytes = statistics.mean(c["optimizer_state_bytes_per_param"] for c in costs)
+        rows.append([label, optimizer, str(len(costs)), speed, f"{peak:.2f}", f"{state_bytes:.2f}", f"{group_hours:.2f}"])
     if not rows:
         return ""
     unit = "GPU" if kinds == {"gpu"} else "CPU" if "gpu" not in kinds else "GPU/CPU"

@@ -51,9 +51,10 @@ PYTHON = os.environ.get("PYTHON", os.sys.executable)
 
 
 def bash_run_all(*args, **env):
-    """`bash run_all.sh ARGS` with the tests' python as its PYTHON, and `env` on top -> the finished process."""
-    return subprocess.run(["bash", "run_all.sh", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": PYTHON, **env})  # fmt: skip
+    """`bash run_all.sh ARGS` with the tests' python as its PYTHON, and `env` on top -> the finished process (bash by
+    its path: `env` may set a PATH without it)."""
+    return subprocess.run([shutil.which("bash"), "run_all.sh", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHON": PYTHON, **env})  # fmt: skip
 
 
 def run_all(output, *extra, gpus=None):

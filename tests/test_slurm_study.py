@@ -7,9 +7,7 @@ unbroken run, the evaluation job runs after the array and writes the table, a se
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,19 +19,15 @@ import slurm_jobs
 import study
 import train
 from cli import InputError
+from test_run_all import PYTHON, bash_run_all
 
 REPO = Path(__file__).resolve().parents[1]
-PYTHON = os.environ.get("PYTHON", sys.executable)
-BASH = shutil.which("bash")
 TRAIN = {"train_data": "data/demo:train", "negatives_per_query": 4, "max_length": 64, "logging_steps": 500,
          "warmup_steps": 0, "save_strategy": "steps", "save_steps": 100000}  # fmt: skip
 
 
 def run_all(*args, env=None):
-    """`bash run_all.sh ARGS` -> the finished process."""
-    done = subprocess.run([BASH, "run_all.sh", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": PYTHON, **(env or {})})  # fmt: skip
-    return done
+    return bash_run_all(*args, **(env or {}))
 
 
 def status_of(output_lines):
